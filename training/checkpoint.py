@@ -1,0 +1,115 @@
+"""Checkpoint directory: everything needed to rebuild a model and its data schema, and nothing else.
+
+    weights.pt       model state_dict (the best epoch by validation ELBO)
+    config.json      {"model": ModelConfig, "data": DataSchema, "train": training settings}
+    metrics.json     train/validation ELBO, reconstruction, KL, active units, log-likelihood estimates
+    validation.npz   held-out rows (raw x, y) the model never trained on: evaluation and threshold calibration
+    plots/*.png      written by the training run
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaeserve.errors import ArtifactError
+from vaeserve.normalization import Normalizer
+from vaeserve.training.model import ModelConfig, build_model
+
+WEIGHTS, CONFIG, METRICS, VALIDATION = "weights.pt", "config.json", "metrics.json", "validation.npz"
+
+
+@dataclass
+class DataSchema:
+    """What a row is: its features, labels and normalisation. Travels into the export manifest."""
+
+    name: str
+    source: str
+    feature_names: list[str]
+    normalization: Normalizer
+    image_shape: tuple[int, int, int] | None = None
+    label_names: list[str] | None = None
+    class_prior: list[float] | None = None  # training-label frequencies, in label_names order
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["normalization"] = self.normalization.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSchema":
+        d = dict(d, normalization=Normalizer.from_dict(d["normalization"]))
+        if d.get("image_shape") is not None:
+            d["image_shape"] = tuple(d["image_shape"])
+        return cls(**d)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: torch.nn.Module
+    model_config: ModelConfig
+    data: DataSchema
+    train: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    def validation_rows(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Held-out raw rows and their labels (None for unlabelled data)."""
+        with np.load(self.path / VALIDATION, allow_pickle=False) as f:
+            return f["x"], (f["y"] if "y" in f.files else None)
+
+    def sha256(self) -> str:
+        """Hash of the weights and config: names exactly the model an export came from."""
+        digest = hashlib.sha256()
+        for name in (WEIGHTS, CONFIG):
+            digest.update((self.path / name).read_bytes())
+        return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, data: DataSchema, train: dict, metrics: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / WEIGHTS, lambda p: torch.save(model.state_dict(), p))
+    write_json(path / CONFIG, {"model": model.config.to_dict(), "data": data.to_dict(), "train": train})
+    write_json(path / METRICS, metrics)
+
+
+def save_validation_rows(path: Path, x: np.ndarray, y: np.ndarray | None) -> None:
+    arrays = {"x": x} if y is None else {"x": x, "y": y}
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / VALIDATION, lambda p: np.savez(open(p, "wb"), **arrays))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    for name in (WEIGHTS, CONFIG):
+        if not (path / name).is_file():
+            raise ArtifactError(f"{path} is not a checkpoint: {name} is missing")
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        model_config = ModelConfig(**config["model"])
+        data = DataSchema.from_dict(config["data"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path / CONFIG}: cannot rebuild the model ({err})") from None
+    model = build_model(model_config)
+    try:
+        model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError) as err:
+        raise ArtifactError(f"{path / WEIGHTS}: does not match config.json ({err})") from None
+    model.eval()
+    metrics_path = path / METRICS
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Checkpoint(path, model, model_config, data, config.get("train", {}), metrics)

@@ -1,0 +1,38 @@
+"""Domain errors. They know nothing of gRPC or the CLI: the CLI prints them as one line, the service
+maps them to status codes in one interceptor."""
+
+
+class VaeserveError(Exception):
+    """A problem the user can act on; its message says what and where."""
+
+
+class DataError(VaeserveError):
+    """Training data that cannot be used: missing, unknown format, non-numeric, NaN/Inf, too small."""
+
+
+class ConfigError(VaeserveError):
+    """A setting or flag that is unknown or out of range."""
+
+
+class ArtifactError(VaeserveError):
+    """A checkpoint or model version that is incomplete, corrupt or altered."""
+
+
+class ExportError(VaeserveError):
+    """An export that failed validation; no complete version was written."""
+
+
+class InvalidInput(VaeserveError):
+    """A request whose payload is malformed: shape, byte length, NaN/Inf, unknown label, too many rows."""
+
+
+class ModelNotFound(VaeserveError):
+    """A request naming a model or version the server does not have."""
+
+
+class ModelNotReady(VaeserveError):
+    """The server is warming up or draining."""
+
+
+class QueueFull(VaeserveError):
+    """The batcher's bounded queue is full; the caller should back off and retry."""
