@@ -16,6 +16,12 @@ import numpy as np
 LIKELIHOODS = ("gaussian", "gaussian-fixed", "bernoulli")
 LOG_2PI = float(np.log(2.0 * np.pi))
 
+# Defaults shared by threshold calibration at export and the service, so a manifest's thresholds
+# apply to the scores the service computes. The manifest records the values it was calibrated with.
+ELBO_SAMPLES = 8  # posterior samples for the reconstruction term of the ELBO
+IW_SAMPLES = 64  # K of the importance-weighted bound when a caller asks for it
+SEED = 0  # seed of the posterior noise
+
 Encode = Callable[[np.ndarray, np.ndarray | None], Awaitable[tuple[np.ndarray, np.ndarray]]]
 Decode = Callable[[np.ndarray, np.ndarray | None], Awaitable[dict[str, np.ndarray]]]
 
@@ -72,8 +78,8 @@ class Scores:
     neg_elbo: np.ndarray  # -ELBO = reconstruction + kl
     reconstruction: np.ndarray  # -E_q[log p(x|z)]
     kl: np.ndarray  # KL(q(z|x) || p(z)), plus KL(q(y|x) || p(y)) when scored label-free
-    neg_iw: np.ndarray | None = None  # -log (1/K) sum_k p(x, z_k) / q(z_k|x)
-    per_feature: np.ndarray | None = None  # [rows, features]: -E_q[log p(x_d|z)]
+    neg_iw: np.ndarray | None  # -log (1/K) sum_k p(x, z_k) / q(z_k|x)
+    per_feature: np.ndarray  # [rows, features]: -E_q[log p(x_d|z)]
 
 
 async def score(
@@ -84,9 +90,9 @@ async def score(
     *,
     labels: np.ndarray | None = None,
     class_prior: np.ndarray | None = None,
-    elbo_samples: int = 1,
+    elbo_samples: int = ELBO_SAMPLES,
     iw_samples: int = 0,
-    seed: int = 0,
+    seed: int = SEED,
 ) -> Scores:
     """Score normalised rows x [rows, features].
 
@@ -114,17 +120,18 @@ async def score(
     neg_iw = None
     if each.neg_iw is not None:
         neg_iw = -logsumexp(log_prior - by_class(each.neg_iw), axis=0)
-    per_feature = None if each.per_feature is None else np.sum(resp[..., None] * by_class(each.per_feature), axis=0)
     return Scores(
         neg_elbo=neg_elbo,
         reconstruction=np.sum(resp * by_class(each.reconstruction), axis=0),
         kl=np.sum(resp * by_class(each.kl), axis=0) + label_kl,
         neg_iw=neg_iw,
-        per_feature=per_feature,
+        per_feature=np.sum(resp[..., None] * by_class(each.per_feature), axis=0),
     )
 
 
 async def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples, seed) -> Scores:
+    if elbo_samples < 1:
+        raise ValueError("elbo_samples must be at least 1")
     x = np.asarray(x, np.float64)
     rows = x.shape[0]
     mu, logvar = await encode(x.astype(np.float32), labels)
