@@ -1,0 +1,161 @@
+"""Held-out evaluation: the ELBO and the K-sample importance-weighted log-likelihood estimate, and for
+PPCA the exact log-likelihood.
+
+Scores come from vaeserve.scoring, the same code the service runs, through async callables that wrap
+the torch encoder and decoder, so the numbers here and the service's agree by construction. All values
+are nats per row in the model's normalised feature space (log p of the normalised row).
+"""
+
+import asyncio
+import copy
+
+import numpy as np
+import torch
+
+from vaeserve import scoring
+from vaeserve.training.checkpoint import Checkpoint, DataSchema
+from vaeserve.training.model import PPCA
+
+DEFAULT_IW_SAMPLES = 1000
+# Upper bound on the values one scoring call holds per array ((elbo + K) samples x rows x features,
+# float64): ~32 MB, so K = 1000 on 784-pixel images stays well inside memory.
+MAX_CHUNK_VALUES = 1 << 22
+MAX_DECODE_BATCH = 16384  # rows per decoder forward pass
+
+
+def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
+    return np.eye(classes, dtype=np.float32)[np.asarray(y, np.int64)]
+
+
+def torch_callables(model: torch.nn.Module, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """encode(x, y) -> (mu, logvar) and decode(z, y) -> {output name: array}, the contract of
+    vaeserve.scoring, running `model` under no_grad in `dtype` on `device`."""
+    names = scoring.decoder_outputs(model.config.likelihood)
+
+    def tensor(a):
+        return None if a is None else torch.as_tensor(a).to(device=device, dtype=dtype)
+
+    async def encode(x, y):
+        with torch.no_grad():
+            mu, logvar = model.encoder(tensor(x), tensor(y))
+        return mu.cpu().numpy(), logvar.cpu().numpy()
+
+    async def decode(z, y):
+        parts = []
+        with torch.no_grad():
+            for start in range(0, z.shape[0], MAX_DECODE_BATCH):
+                stop = start + MAX_DECODE_BATCH
+                out = model.decoder(tensor(z[start:stop]), tensor(None if y is None else y[start:stop]))
+                parts.append([o.cpu().numpy() for o in out])
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+    return encode, decode
+
+
+def score_rows(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    labels: np.ndarray | None = None,
+    class_prior: np.ndarray | None = None,
+    *,
+    iw_samples: int = 0,
+    elbo_samples: int = scoring.ELBO_SAMPLES,
+    seed: int = scoring.SEED,
+    device: str = "cpu",
+) -> scoring.Scores:
+    """vaeserve.scoring.score over normalised rows x, in row chunks that bound memory. The posterior
+    noise is shared by all rows (see scoring), so chunking does not change any row's score.
+
+    PPCA runs in float64: its exact posterior makes every importance weight equal to p(x), and
+    float64 keeps the estimate within rounding of the closed form.
+    """
+    dtype = torch.float32
+    if isinstance(model, PPCA):
+        dtype, model = torch.float64, copy.deepcopy(model).double()  # leave the caller's model as it is
+    model = model.to(device).eval()
+    encode, decode = torch_callables(model, device, dtype)
+    label_free = labels is None and class_prior is not None
+    copies = (elbo_samples + iw_samples) * (len(class_prior) if label_free else 1)
+    chunk = max(1, MAX_CHUNK_VALUES // (copies * x.shape[1]))
+
+    async def run() -> list[scoring.Scores]:
+        out = []
+        for start in range(0, x.shape[0], chunk):
+            y = None if labels is None else labels[start : start + chunk]
+            out.append(
+                await scoring.score(
+                    x[start : start + chunk], encode, decode, model.config.likelihood,
+                    labels=y, class_prior=class_prior,
+                    elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed,
+                )
+            )
+        return out
+
+    parts = asyncio.run(run())
+    neg_iw = None if iw_samples == 0 else np.concatenate([p.neg_iw for p in parts])
+    return scoring.Scores(
+        neg_elbo=np.concatenate([p.neg_elbo for p in parts]),
+        reconstruction=np.concatenate([p.reconstruction for p in parts]),
+        kl=np.concatenate([p.kl for p in parts]),
+        neg_iw=neg_iw,
+        per_feature=np.concatenate([p.per_feature for p in parts]),
+    )
+
+
+def summarize(scores: scoring.Scores) -> dict:
+    """Means over rows: -ELBO and its terms, and the importance-weighted log-likelihood with its
+    standard error."""
+    out = {
+        "neg_elbo": float(scores.neg_elbo.mean()),
+        "reconstruction": float(scores.reconstruction.mean()),
+        "kl": float(scores.kl.mean()),
+    }
+    if scores.neg_iw is not None:
+        ll = -scores.neg_iw
+        out["iw_log_likelihood"] = float(ll.mean())
+        out["iw_log_likelihood_stderr"] = float(ll.std(ddof=1) / np.sqrt(len(ll))) if len(ll) > 1 else 0.0
+    return out
+
+
+def exact_log_likelihood(model: PPCA, x: np.ndarray) -> np.ndarray:
+    """log N(x | mean, W W^T + s^2 I) per row, directly from the covariance (Cholesky), float64."""
+    x = np.asarray(x, np.float64)
+    mean = model.decoder.mean.double().cpu().numpy()
+    chol = np.linalg.cholesky(model.covariance())
+    white = np.linalg.solve(chol, (x - mean).T)  # L^-1 (x - mean), [features, rows]
+    log_det = 2.0 * np.log(np.diag(chol)).sum()
+    return -0.5 * (x.shape[1] * scoring.LOG_2PI + log_det + (white**2).sum(axis=0))
+
+
+def evaluate(
+    model: torch.nn.Module,
+    schema: DataSchema,
+    x_raw: np.ndarray,
+    y: np.ndarray | None,
+    iw_samples: int = DEFAULT_IW_SAMPLES,
+    *,
+    seed: int = scoring.SEED,
+    device: str = "cpu",
+) -> dict:
+    """Held-out scores of raw rows: -ELBO, reconstruction, KL and the K-sample importance-weighted
+    log-likelihood; a CVAE both given its labels and label-free (labels marginalised with the
+    training class prior); PPCA also the exact log-likelihood."""
+    x = schema.normalization.apply(np.asarray(x_raw, np.float32))
+    result = {"rows": int(x.shape[0]), "iw_samples": iw_samples}
+    if model.config.conditional:
+        labels = one_hot(y, model.config.num_classes)
+        result.update(summarize(score_rows(model, x, labels, iw_samples=iw_samples, seed=seed, device=device)))
+        prior = np.asarray(schema.class_prior, np.float64)
+        label_free = score_rows(model, x, None, prior, iw_samples=iw_samples, seed=seed, device=device)
+        result["label_free"] = summarize(label_free)
+    else:
+        result.update(summarize(score_rows(model, x, iw_samples=iw_samples, seed=seed, device=device)))
+    if isinstance(model, PPCA):
+        result["exact_log_likelihood"] = float(exact_log_likelihood(model, x).mean())
+    return result
+
+
+def evaluate_checkpoint(checkpoint: Checkpoint, iw_samples: int = DEFAULT_IW_SAMPLES, device: str = "cpu") -> dict:
+    """evaluate() on the checkpoint's held-out validation rows."""
+    x_raw, y = checkpoint.validation_rows()
+    return evaluate(checkpoint.model, checkpoint.data, x_raw, y, iw_samples, device=device)
