@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 
 def create_session(path: str | Path, intra_op_threads: int = 1) -> ort.InferenceSession:
+    ort.set_default_logger_severity(3)  # the CUDA provider failing to load without a GPU is expected, not an error
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -27,3 +28,17 @@ def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str
     names = [o.name for o in session.get_outputs()]
     inputs = {i.name: np.ascontiguousarray(feeds[i.name], np.float32) for i in session.get_inputs()}
     return dict(zip(names, session.run(names, inputs)))
+
+
+class Graph:
+    """One session with its input and output names looked up once; `run` is what a batcher calls."""
+
+    def __init__(self, path: str | Path, intra_op_threads: int = 1):
+        self.session = create_session(path, intra_op_threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.providers = list(self.session.get_providers())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {name: np.ascontiguousarray(feeds[name], np.float32) for name in self.inputs}
+        return dict(zip(self.outputs, self.session.run(self.outputs, inputs)))

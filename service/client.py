@@ -1,0 +1,168 @@
+"""Python client, sync (`Client`) and asyncio (`AsyncClient`), NumPy in and out.
+
+    with Client("localhost:50051") as client:
+        result = client.score("digits", rows)           # rows: [N, features] float array
+        result.neg_elbo, result.is_anomaly
+
+Errors arrive as grpc.RpcError (sync) / grpc.aio.AioRpcError (asyncio) with the server's status code
+and message.
+"""
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from vaeserve.v1 import vaeserve_pb2 as pb
+from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024), ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+_FLOAT32 = np.dtype("<f4")
+
+
+def to_tensor(array) -> pb.Tensor:
+    array = np.ascontiguousarray(array, _FLOAT32)
+    return pb.Tensor(shape=array.shape, data=array.tobytes())
+
+
+def to_array(tensor: pb.Tensor) -> np.ndarray | None:
+    if not tensor.shape:
+        return None
+    return np.frombuffer(tensor.data, _FLOAT32).reshape(tuple(tensor.shape))
+
+
+@dataclass
+class Embedding:
+    mu: np.ndarray
+    logvar: np.ndarray
+    samples: np.ndarray | None  # [S, N, latent]
+
+
+@dataclass
+class Reconstruction:
+    x: np.ndarray
+    neg_log_likelihood: np.ndarray
+    mean_squared_error: np.ndarray
+
+
+@dataclass
+class ScoreResult:
+    neg_elbo: np.ndarray
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    is_anomaly: np.ndarray
+    threshold: float
+    per_feature: np.ndarray | None
+    neg_iw: np.ndarray | None
+
+
+@dataclass
+class Samples:
+    x: np.ndarray
+    z: np.ndarray
+
+
+def _labels(labels) -> list[str]:
+    return [] if labels is None else [str(label) for label in labels]
+
+
+def _parse_embed(r: pb.EmbedResponse) -> Embedding:
+    return Embedding(to_array(r.mu), to_array(r.logvar), to_array(r.samples))
+
+
+def _parse_reconstruct(r: pb.ReconstructResponse) -> Reconstruction:
+    return Reconstruction(to_array(r.x), np.asarray(r.neg_log_likelihood), np.asarray(r.mean_squared_error))
+
+
+def _parse_score(r: pb.ScoreResponse) -> ScoreResult:
+    return ScoreResult(
+        np.asarray(r.neg_elbo), np.asarray(r.reconstruction), np.asarray(r.kl), np.asarray(r.is_anomaly, bool),
+        r.threshold, to_array(r.per_feature), np.asarray(r.neg_iw) if len(r.neg_iw) else None,
+    )  # fmt: skip
+
+
+def _parse_generate(r: pb.GenerateResponse) -> Samples:
+    return Samples(to_array(r.x), to_array(r.z))
+
+
+def _parse_models(r: pb.ListModelsResponse) -> dict[str, list[int]]:
+    return {m.name: list(m.versions) for m in r.models}
+
+
+class _Requests:
+    """Request building shared by both clients; `_call` is sync or async."""
+
+    def _call(self, method: str, request, parse):
+        raise NotImplementedError
+
+    def embed(self, model: str, x, labels=None, *, version: int = 0, posterior_samples: int = 0, seed: int | None = None):
+        request = pb.EmbedRequest(model=model, version=version, x=to_tensor(x), labels=_labels(labels),
+                                  posterior_samples=posterior_samples, seed=seed)  # fmt: skip
+        return self._call("Embed", request, _parse_embed)
+
+    def reconstruct(self, model: str, x, labels=None, *, version: int = 0):
+        request = pb.ReconstructRequest(model=model, version=version, x=to_tensor(x), labels=_labels(labels))
+        return self._call("Reconstruct", request, _parse_reconstruct)
+
+    def score(self, model: str, x, labels=None, *, version: int = 0, threshold: float | None = None,
+              per_feature: bool = False, iw_samples: int = 0):  # fmt: skip
+        request = pb.ScoreRequest(model=model, version=version, x=to_tensor(x), labels=_labels(labels),
+                                  threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)  # fmt: skip
+        return self._call("Score", request, _parse_score)
+
+    def generate(self, model: str, count: int = 0, labels=None, *, version: int = 0,
+                 temperature: float | None = None, seed: int | None = None):  # fmt: skip
+        request = pb.GenerateRequest(model=model, version=version, count=count, labels=_labels(labels),
+                                     temperature=temperature, seed=seed)  # fmt: skip
+        return self._call("Generate", request, _parse_generate)
+
+    def decode(self, model: str, z, labels=None, *, version: int = 0):
+        request = pb.DecodeRequest(model=model, version=version, z=to_tensor(z), labels=_labels(labels))
+        return self._call("Decode", request, lambda r: to_array(r.x))
+
+    def models(self):
+        """{model name: [versions, ascending]}."""
+        return self._call("ListModels", pb.ListModelsRequest(), _parse_models)
+
+    def get_model(self, model: str, *, version: int = 0):
+        """The ModelMetadata message."""
+        return self._call("GetModel", pb.GetModelRequest(model=model, version=version), lambda r: r)
+
+
+class Client(_Requests):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0):
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    def _call(self, method, request, parse):
+        return parse(getattr(self._stub, method)(request, timeout=self.timeout))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient(_Requests):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0):
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    async def _call(self, method, request, parse):
+        return parse(await getattr(self._stub, method)(request, timeout=self.timeout))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

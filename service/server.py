@@ -1,0 +1,168 @@
+"""The grpc.aio server: Inference, grpc.health.v1, reflection; Prometheus /metrics on its own port;
+graceful shutdown; --workers N processes on one port through SO_REUSEPORT.
+
+Life of a worker: bind and answer health NOT_SERVING at once, load every valid model and warm it
+up (off the event loop), then SERVING. On SIGTERM/SIGINT: NOT_SERVING, stop accepting RPCs, let
+batchers run what they hold without waiting to fill, finish in-flight RPCs within drain_seconds,
+exit 0.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vaeserve.service.models import ModelRegistry
+from vaeserve.service.servicer import InferenceServicer
+from vaeserve.service.settings import Settings
+from vaeserve.v1 import vaeserve_pb2 as pb
+from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # vaeserve.v1.Inference
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # max_rows bounds a request; this only keeps gRPC's 4 MiB default out of the way
+
+
+class Server:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.servicer = InferenceServicer()
+        self.health = health.aio.HealthServicer()
+        self.registry: ModelRegistry | None = None
+        self.port: int | None = None
+        self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(settings.compute_threads or os.cpu_count() or 1, thread_name_prefix="ort")
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+
+    async def start(self) -> None:
+        """Bind, answer NOT_SERVING while models load and warm up, then SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await self._server.start()
+        loop = asyncio.get_running_loop()
+        self.registry = await loop.run_in_executor(None, ModelRegistry.load, self.settings, self._executor)
+        for model in self.registry.all():
+            model.start()
+        self.servicer.serve(self.registry)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d (pid %d)", sorted(self.registry.models), self.settings.host, self.port, os.getpid())
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_and_stop(self) -> None:
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        log.info("draining: NOT_SERVING, finishing in-flight requests (up to %.1f s)", self.settings.drain_seconds)
+        await self.health.enter_graceful_shutdown()
+        models = self.registry.all() if self.registry else []
+        for model in models:
+            model.drain()
+        await self._server.stop(self.settings.drain_seconds)
+        for model in models:
+            await model.close()
+        self._executor.shutdown(wait=False)
+        log.info("stopped")
+
+
+async def _serve_worker(settings: Settings) -> None:
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start()
+    await server.wait_and_stop()
+
+
+def _worker_main(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM; Ctrl-C reaches the group
+    asyncio.run(_serve_worker(settings))
+
+
+def start_metrics_server(settings: Settings, registry=None) -> int | None:
+    """Prometheus text exposition on settings.metrics_port; returns the bound port."""
+    if settings.metrics_port < 0:
+        return None
+    from prometheus_client import REGISTRY, start_http_server
+
+    server, _ = start_http_server(settings.metrics_port, addr=_http_host(settings.host), registry=registry or REGISTRY)
+    port = server.server_port
+    log.info("metrics on http://%s:%d/metrics", _http_host(settings.host), port)
+    return port
+
+
+def _http_host(host: str) -> str:
+    return "::" if host in ("[::]", "::") else host.strip("[]")
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGTERM/SIGINT; 0 after a clean drain."""
+    if settings.workers == 1:
+        start_metrics_server(settings)
+        asyncio.run(_serve_worker(settings))
+        return 0
+    return _serve_workers(settings)
+
+
+def _serve_workers(settings: Settings) -> int:
+    import multiprocessing
+
+    # Multiprocess metrics: every worker writes its values under this folder (the variable must be
+    # set before prometheus_client is imported in a worker), and the parent's /metrics sums them.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.TemporaryDirectory(prefix="vaeserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir.name
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_metrics_server(settings, registry)
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker_main, args=(settings,), name=f"vaeserve-worker-{i}") for i in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum, frame):
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = 0
+    for worker in workers:
+        worker.join()
+        multiprocess.mark_process_dead(worker.pid)
+        if worker.exitcode != 0:
+            log.error("worker %d exited with %s", worker.pid, worker.exitcode)
+            failed += 1
+    if own_dir is not None:
+        own_dir.cleanup()
+    return 1 if failed else 0

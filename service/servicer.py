@@ -1,0 +1,136 @@
+"""The Inference servicer: validate, convert, delegate to the served model. Error mapping and
+request metrics come from the @rpc decorator; batching, ONNX Runtime and scoring live elsewhere."""
+
+import asyncio
+import json
+
+from vaeserve.errors import ModelNotReady
+from vaeserve.service.convert import to_array, to_tensor
+from vaeserve.service.models import ModelRegistry, ServedModel
+from vaeserve.service.status import rpc
+from vaeserve.v1 import vaeserve_pb2 as pb
+from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self):
+        self.registry: ModelRegistry | None = None
+        self.model_names: frozenset[str] = frozenset()
+
+    def serve(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.model_names = frozenset(registry.models)
+
+    def _model(self, request) -> ServedModel:
+        if self.registry is None:
+            raise ModelNotReady("the server is still loading its models; retry shortly")
+        return self.registry.get(request.model, request.version)
+
+    @rpc
+    async def Embed(self, request, context):
+        model = self._model(request)
+        seed = request.seed if request.HasField("seed") else None
+        mu, logvar, samples = await model.embed(
+            to_array(request.x, "x"), request.labels, request.posterior_samples, seed, _deadline(context)
+        )
+        response = pb.EmbedResponse(model=model.name, version=model.version, mu=to_tensor(mu), logvar=to_tensor(logvar))
+        if samples is not None:
+            response.samples.CopyFrom(to_tensor(samples))
+        return response
+
+    @rpc
+    async def Reconstruct(self, request, context):
+        model = self._model(request)
+        x, nll, mse = await model.reconstruct(to_array(request.x, "x"), request.labels, _deadline(context))
+        return pb.ReconstructResponse(
+            model=model.name, version=model.version, x=to_tensor(x),
+            neg_log_likelihood=nll.tolist(), mean_squared_error=mse.tolist(),
+        )  # fmt: skip
+
+    @rpc
+    async def Score(self, request, context):
+        model = self._model(request)
+        threshold = request.threshold if request.HasField("threshold") else None
+        result = await model.score(
+            to_array(request.x, "x"), request.labels, threshold, request.iw_samples, _deadline(context)
+        )
+        s = result.scores
+        response = pb.ScoreResponse(
+            model=model.name, version=model.version, threshold=result.threshold,
+            neg_elbo=s.neg_elbo.tolist(), reconstruction=s.reconstruction.tolist(), kl=s.kl.tolist(),
+            is_anomaly=result.is_anomaly.tolist(),
+        )  # fmt: skip
+        if request.per_feature:
+            response.per_feature.CopyFrom(to_tensor(s.per_feature))
+        if s.neg_iw is not None:
+            response.neg_iw.extend(s.neg_iw.tolist())
+        return response
+
+    @rpc
+    async def Generate(self, request, context):
+        model = self._model(request)
+        temperature = request.temperature if request.HasField("temperature") else 1.0
+        seed = request.seed if request.HasField("seed") else None
+        x, z = await model.generate(request.count, request.labels, temperature, seed, _deadline(context))
+        return pb.GenerateResponse(model=model.name, version=model.version, x=to_tensor(x), z=to_tensor(z))
+
+    @rpc
+    async def Decode(self, request, context):
+        model = self._model(request)
+        x = await model.decode_latent(to_array(request.z, "z"), request.labels, _deadline(context))
+        return pb.DecodeResponse(model=model.name, version=model.version, x=to_tensor(x))
+
+    @rpc
+    async def ListModels(self, request, context):
+        if self.registry is None:
+            raise ModelNotReady("the server is still loading its models; retry shortly")
+        return pb.ListModelsResponse(
+            models=[pb.ModelVersions(name=n, versions=sorted(v)) for n, v in sorted(self.registry.models.items())]
+        )
+
+    @rpc
+    async def GetModel(self, request, context):
+        return metadata(self._model(request))
+
+
+def metadata(model: ServedModel) -> pb.ModelMetadata:
+    m = model.manifest
+    t = m["thresholds"]
+    graphs = {}
+    for name, graph in (("encoder", model.encoder), ("decoder", model.decoder)):
+        entry = m["graphs"][name]
+        graphs[name] = pb.GraphInfo(
+            file=entry["file"], sha256=entry["sha256"], inputs=graph.inputs, outputs=graph.outputs,
+            providers=graph.providers,
+        )  # fmt: skip
+    return pb.ModelMetadata(
+        name=model.name,
+        version=model.version,
+        kind=model.kind,
+        arch=str(m["model"]["arch"]),
+        latent_dim=model.latent_dim,
+        likelihood=model.likelihood,
+        features=model.features,
+        feature_names=[str(n) for n in m["input"].get("feature_names") or []],
+        image_shape=m["input"].get("image_shape") or [],
+        labels=[str(n) for n in model.label_names],
+        class_prior=[] if model.class_prior is None else model.class_prior.tolist(),
+        normalization=model.normalizer.kind,
+        thresholds=pb.Thresholds(
+            score=t["score"], default=float(t["default"]),
+            quantiles={
+                score: pb.Quantiles(values={str(q): float(v) for q, v in values.items()})
+                for score, values in t["quantiles"].items() if isinstance(values, dict)
+            },
+            elbo_samples=model.elbo_samples, iw_samples=int(t.get("iw_samples", 0)), seed=model.seed,
+        ),  # fmt: skip
+        encoder=graphs["encoder"],
+        decoder=graphs["decoder"],
+        opset=int(m["opset"]),
+        manifest_json=json.dumps(m),
+    )

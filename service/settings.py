@@ -1,0 +1,90 @@
+"""Server settings, typed and loaded in one place: defaults here, then `VAESERVE_*` environment
+variables, then command-line flags. A plain dataclass rather than pydantic-settings: a dozen scalar
+fields do not justify another dependency in the service image, and every field still has one
+documented default, one type, one environment variable and a range check.
+"""
+
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+
+from vaeserve.errors import ConfigError
+
+ENV_PREFIX = "VAESERVE_"
+
+
+def _setting(default, doc: str, minimum=None):
+    return field(default=default, metadata={"doc": doc, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    repository: Path | None = _setting(None, "model repository: <name>/<version>/{encoder,decoder}.onnx + manifest.json")
+    host: str = _setting("[::]", "address the gRPC server binds")
+    port: int = _setting(50051, "gRPC port; 0 picks a free one (single worker only)", 0)
+    metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 picks a free one, -1 disables", -1)
+    workers: int = _setting(1, "server processes sharing the port through SO_REUSEPORT", 1)
+    max_batch_size: int = _setting(256, "rows per graph run; a larger request runs alone, never split", 1)
+    max_queue_delay_ms: float = _setting(0.5, "longest a request waits for others to join its batch", 0.0)
+    max_queue_size: int = _setting(1024, "requests queued per graph before RESOURCE_EXHAUSTED", 1)
+    max_rows: int = _setting(4096, "rows one request may carry", 1)
+    max_iw_samples: int = _setting(1024, "largest K a Score request may ask for", 0)
+    max_posterior_samples: int = _setting(256, "largest number of posterior samples an Embed may ask for", 0)
+    intra_op_threads: int = _setting(1, "ONNX Runtime intra-op threads per session (non-spinning)", 1)
+    compute_threads: int = _setting(0, "threads running graphs off the event loop; 0 = one per CPU core", 0)
+    drain_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish", 0.0)
+    warmup_rows: int = _setting(8, "rows of zeros run through every graph before reporting SERVING", 0)
+
+    @classmethod
+    def env_name(cls, name: str) -> str:
+        return ENV_PREFIX + name.upper()
+
+    @classmethod
+    def load(cls, environ=None, **overrides) -> "Settings":
+        """Defaults, then the environment, then `overrides` (flags; None means not given)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw, cls.env_name(f.name))
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value, minimum = getattr(self, f.name), f.metadata["minimum"]
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"{f.name} ({self.env_name(f.name)}) must be >= {minimum}, got {value}")
+        if self.repository is None:
+            raise ConfigError(f"no model repository: pass --repository DIR or set {self.env_name('repository')}")
+        if not Path(self.repository).is_dir():
+            raise ConfigError(f"model repository {self.repository} is not a directory")
+        if self.workers > 1 and self.port == 0:
+            raise ConfigError("--workers > 1 needs a fixed --port for the workers to share")
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+
+def _parse(f, raw: str, env: str):
+    if f.name == "repository":
+        return Path(raw)
+    kind = f.type
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def describe() -> list[tuple[str, str, object, str]]:
+    """(field, environment variable, default, doc) for --help and docs."""
+    return [
+        (f.name, Settings.env_name(f.name), None if f.default is MISSING else f.default, f.metadata["doc"])
+        for f in fields(Settings)
+    ]
