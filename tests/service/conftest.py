@@ -15,8 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-MAX_ROWS = 1000
-MAX_IW_SAMPLES = 256
+LIMITS = {"max_rows": 1000, "max_iw_samples": 256}  # the session server's
 
 
 def free_port() -> int:
@@ -84,12 +83,17 @@ def start_server(repository: Path, **env) -> RunningServer:
 @pytest.fixture(scope="session")
 def server(model_repository):
     """One server for the read-only tests: a short queue delay so concurrent requests batch."""
-    running = start_server(model_repository, max_queue_delay_ms=5, max_rows=MAX_ROWS, max_iw_samples=MAX_IW_SAMPLES)
+    running = start_server(model_repository, max_queue_delay_ms=5, **LIMITS)
     try:
         running.wait_serving()
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def limits():
+    return LIMITS
 
 
 @pytest.fixture(scope="session")
