@@ -70,7 +70,7 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
-def start_server(repository: Path, **env) -> RunningServer:
+def _start_server(repository: Path, **env) -> RunningServer:
     port, metrics_port = free_port(), free_port()
     environ = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1",
                    VAESERVE_PORT=str(port), VAESERVE_METRICS_PORT=str(metrics_port))  # fmt: skip
@@ -83,12 +83,18 @@ def start_server(repository: Path, **env) -> RunningServer:
 @pytest.fixture(scope="session")
 def server(model_repository):
     """One server for the read-only tests: a short queue delay so concurrent requests batch."""
-    running = start_server(model_repository, max_queue_delay_ms=5, **LIMITS)
+    running = _start_server(model_repository, max_queue_delay_ms=5, **LIMITS)
     try:
         running.wait_serving()
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def start_server():
+    """Start another server subprocess: start_server(repository, **settings) -> RunningServer."""
+    return _start_server
 
 
 @pytest.fixture(scope="session")

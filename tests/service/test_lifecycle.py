@@ -1,0 +1,69 @@
+"""Health transitions, draining on SIGTERM without failing in-flight requests, and metrics counters."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+IN_FLIGHT = 24
+
+
+def test_health_and_sigterm_during_load(model_repository, start_server):
+    from vaeserve.service.client import AsyncClient
+
+    # A long warm-up keeps the server NOT_SERVING for a while; a long queue delay keeps requests in flight.
+    server = start_server(model_repository, warmup_rows=300_000, max_queue_delay_ms=2000, max_batch_size=4096)
+    try:
+        seen = server.wait_serving()
+        assert NOT_SERVING in seen and seen[-1] == SERVING
+        assert set(seen) <= {None, NOT_SERVING, SERVING}
+        assert server.health("vaeserve.v1.Inference") == SERVING
+
+        async def scenario():
+            async with AsyncClient(server.target) as client:
+                channel = grpc.aio.insecure_channel(server.target)
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+                assert (await watch.read()).status == SERVING
+                x = np.ones((1, 64), np.float32)
+                calls = [asyncio.ensure_future(client.score("vae", x + i)) for i in range(IN_FLIGHT)]
+                # Wait until every request sits in the encoder queue, then ask the server to stop.
+                key = ("vaeserve_pending_requests", (("graph", "encoder"), ("model", "vae")))
+                while (await asyncio.to_thread(server.metrics)).get(key, 0) < IN_FLIGHT:
+                    await asyncio.sleep(0.02)
+                server.process.send_signal(15)
+                assert (await watch.read()).status == NOT_SERVING
+                watch.cancel()
+                await channel.close()
+                return await asyncio.gather(*calls)
+
+        results = asyncio.run(scenario())
+        assert len(results) == IN_FLIGHT and all(len(r.neg_elbo) == 1 and np.isfinite(r.neg_elbo).all() for r in results)
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_metrics_count_requests(server, client, rows):
+    x, labels = rows
+
+    def count(method, model, code="OK"):
+        key = ("vaeserve_requests_total", (("code", code), ("method", method), ("model", model)))
+        return server.metrics().get(key, 0.0)
+
+    before = {m: count(m, "cvae") for m in ("Score", "Embed")}
+    bad_before = count("Score", "cvae", "INVALID_ARGUMENT")
+    for _ in range(3):
+        client.score("cvae", x)
+    client.embed("cvae", x, labels)
+    with pytest.raises(grpc.RpcError):
+        client.score("cvae", x, ["nope"] * len(x))
+    assert count("Score", "cvae") == before["Score"] + 3
+    assert count("Embed", "cvae") == before["Embed"] + 1
+    assert count("Score", "cvae", "INVALID_ARGUMENT") == bad_before + 1
+    metrics = server.metrics()
+    assert metrics[("vaeserve_model_info", (("graph", "encoder"), ("model", "cvae"), ("provider", "CPUExecutionProvider"), ("version", "1")))] == 1
+    assert metrics[("vaeserve_request_latency_seconds_count", (("method", "Score"), ("model", "cvae")))] >= 4
+    assert ("process_cpu_seconds_total", ()) in metrics
