@@ -1,0 +1,272 @@
+"""`vaeserve bench serve`: throughput and latency of the gRPC service on loopback (not a test).
+
+Single-row Score at 1, 8 and 64 concurrent callers, batching on and off, beside a bare grpc.aio echo
+server carrying the same payload; 256-row Score at 8 callers beside raw ONNX Runtime in-process doing
+the same work (scoring.score on direct sessions); --workers 1 vs 2. Servers run as subprocesses of
+`vaeserve serve`; the load generator is one asyncio process on the same box, as for the echo server.
+Loops are bounded by --seconds per point.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks (not tests)")
+    commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    serve = commands.add_parser("serve", help="gRPC service throughput and latency on loopback")
+    serve.add_argument("--repository", type=Path, default=Path(os.environ.get("VAESERVE_REPOSITORY", "models")))
+    serve.add_argument("--model", help="model to load (default: the first in the repository)")
+    serve.add_argument("--seconds", type=float, default=2.0, help="measured seconds per point (default 2)")
+    serve.add_argument("--callers", default="1,8,64", help="concurrent callers for single-row Score")
+    serve.add_argument("--max-queue-delay-ms", type=float, default=0.5, help="the server setting for batching on")
+    serve.add_argument("--json", action="store_true", help="also print the results as JSON")
+    serve.set_defaults(func=_bench_serve)
+
+
+def _bench_serve(args) -> int:
+    import asyncio
+    import json
+
+    from vaeserve.export.repository import newest, scan_repository
+
+    found = scan_repository(args.repository)
+    name = args.model or sorted(found)[0]
+    version = newest(found[name])
+    results = asyncio.run(_run_all(args, version))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _start(repository, port, metrics_port, **settings):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1", VAESERVE_PORT=str(port),
+               VAESERVE_METRICS_PORT=str(metrics_port))  # fmt: skip
+    env.update({f"VAESERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    return subprocess.Popen([sys.executable, "-m", "vaeserve.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+async def _wait_serving(target, process, timeout=60.0):
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while loop.time() < end:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            try:
+                if (await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{target} did not become SERVING")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(call, callers: int, seconds: float, rows: int = 1) -> dict:
+    """`callers` loops calling `call()` back to back for `seconds` after a short warm-up."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    latencies: list[float] = []
+    state = {"measure": False, "stop": False}
+
+    async def caller():
+        while not state["stop"]:
+            start = time.perf_counter()
+            await call()
+            if state["measure"]:
+                latencies.append(time.perf_counter() - start)
+
+    tasks = [asyncio.ensure_future(caller()) for _ in range(callers)]
+    await asyncio.sleep(min(0.5, seconds / 4))
+    state["measure"] = True
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    state["stop"] = True
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    lat = np.asarray(latencies) * 1000
+    return {"req_s": len(lat) / elapsed, "rows_s": len(lat) * rows / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+
+
+async def _echo_server(port: int):
+    import grpc
+
+    def identity(b):
+        return b
+
+    async def echo(request, context):
+        return request
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(echo, request_deserializer=identity, response_serializer=identity)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+def _echo_main(port: int) -> None:
+    import asyncio
+
+    async def main():
+        server = await _echo_server(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+async def _run_all(args, version) -> dict:
+    import asyncio
+    import multiprocessing
+    import signal
+
+    import grpc
+    import numpy as np
+
+    from vaeserve.normalization import Normalizer
+    from vaeserve.v1 import vaeserve_pb2 as pb
+    from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
+
+    manifest = version.manifest
+    features = manifest["input"]["features"]
+    normalizer = Normalizer.from_dict(manifest["normalization"])
+    rng = np.random.default_rng(0)
+
+    def raw_rows(n):
+        return normalizer.invert(rng.standard_normal((n, features)).astype(np.float32))
+
+    def score_request(n):
+        x = np.ascontiguousarray(raw_rows(n), "<f4")
+        return pb.ScoreRequest(model=version.name, x=pb.Tensor(shape=x.shape, data=x.tobytes()))
+
+    single, bulk = score_request(1), score_request(256)
+    callers = [int(c) for c in args.callers.split(",")]
+    results: dict = {"model": version.name, "features": features, "payload_bytes": single.ByteSize()}
+    print(f"model {version.name} v{version.version} ({manifest['model']['kind']}, {features} features); "
+          f"single-row Score request {single.ByteSize()} bytes; {args.seconds:g} s per point")  # fmt: skip
+
+    def report(label, r):
+        print(f"  {label:<44} {r['req_s']:>9.0f} req/s {r['rows_s']:>10.0f} rows/s   p50 {r['p50_ms']:6.2f} ms   p99 {r['p99_ms']:6.2f} ms")
+        results[label] = r
+
+    # Bare grpc.aio echo server, same payload, in its own process like the real server.
+    port = _free_port()
+    echo = multiprocessing.get_context("spawn").Process(target=_echo_main, args=(port,), daemon=True)
+    echo.start()
+    payload = single.SerializeToString()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await channel.channel_ready()
+        call = channel.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None)
+        print("echo server (grpc.aio, same payload)")
+        for n in callers:
+            report(f"echo {n} callers", await _load(lambda: call(payload), n, args.seconds))
+    echo.terminate()
+    echo.join()
+
+    async def against(label, settings, plan):
+        port, metrics_port = _free_port(), _free_port()
+        process = _start(args.repository, port, metrics_port, **settings)
+        target = f"127.0.0.1:{port}"
+        try:
+            await _wait_serving(target, process)
+            print(label)
+            async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 28)]) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                for point, request, n, rows in plan:
+                    report(point, await _load(lambda: stub.Score(request), n, args.seconds, rows))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+    only = {"warmup_rows": 64}
+    # A separate repository view is not needed: every model loads, only `version.name` is called.
+    delay = args.max_queue_delay_ms
+    await against(f"vaeserve, batching on (max_batch_size 256, max_queue_delay {delay:g} ms), 1 worker",
+                  dict(only, max_batch_size=256, max_queue_delay_ms=delay),
+                  [(f"score 1 row, {n} callers, batching on", single, n, 1) for n in callers]
+                  + [("score 256 rows, 8 callers, batching on", bulk, 8, 256)])  # fmt: skip
+    await against("vaeserve, batching off (max_batch_size 1: every request runs alone), 1 worker",
+                  dict(only, max_batch_size=1, max_queue_delay_ms=0),
+                  [(f"score 1 row, {n} callers, batching off", single, n, 1) for n in callers])  # fmt: skip
+    await against("vaeserve, batching on, 2 workers (SO_REUSEPORT)",
+                  dict(only, max_batch_size=256, max_queue_delay_ms=delay, workers=2),
+                  [(f"score 1 row, {n} callers, 2 workers", single, n, 1) for n in callers if n > 1]
+                  + [("score 256 rows, 8 callers, 2 workers", bulk, 8, 256)])  # fmt: skip
+
+    print("raw ONNX Runtime in-process, same work (scoring.score on the sessions, 1 intra-op thread)")
+    report("raw ORT score 256 rows", await _raw_ort(version, bulk, args.seconds))
+
+    echo64 = results.get("echo 64 callers", {}).get("req_s")
+    served64 = results.get("score 1 row, 64 callers, batching on", {}).get("req_s")
+    if echo64 and served64:
+        print(f"single-row Score at 64 callers / echo: {served64 / echo64:.2f}  (target >= 0.8)")
+    raw, bulk_rows = results["raw ORT score 256 rows"]["rows_s"], results["score 256 rows, 8 callers, batching on"]["rows_s"]
+    print(f"256-row Score at 8 callers / raw ORT: {bulk_rows / raw:.2f}  (target >= 0.6)")
+    return results
+
+
+async def _raw_ort(version, request, seconds):
+    import time
+
+    import numpy as np
+
+    from vaeserve import scoring
+    from vaeserve.normalization import Normalizer
+    from vaeserve.service.runtime import Graph
+
+    manifest = version.manifest
+    encoder, decoder = Graph(version.encoder_path), Graph(version.decoder_path)
+    normalizer = Normalizer.from_dict(manifest["normalization"])
+    t = manifest["thresholds"]
+    labels = manifest.get("labels")
+    prior = np.asarray(labels["prior"]) if labels and "y" in encoder.inputs else None
+
+    async def encode(x, y):
+        out = encoder.run({"x": x, "y": y})
+        return out["mu"], out["logvar"]
+
+    async def decode(z, y):
+        return decoder.run({"z": z, "y": y})
+
+    rows = len(request.x.data) // 4 // request.x.shape[1]
+
+    async def one():
+        x = np.frombuffer(request.x.data, "<f4").reshape(tuple(request.x.shape))
+        await scoring.score(normalizer.apply(x), encode, decode, manifest["model"]["likelihood"], class_prior=prior,
+                            elbo_samples=t.get("elbo_samples", scoring.ELBO_SAMPLES), seed=t.get("seed", scoring.SEED))  # fmt: skip
+
+    latencies = []
+    await one()
+    end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        await one()
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1000
+    return {"req_s": len(lat) / elapsed, "rows_s": len(lat) * rows / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
