@@ -1,0 +1,113 @@
+"""export_checkpoint: versions, failure leaves nothing complete, manifest contents, thresholds."""
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vaeserve import scoring
+from vaeserve.errors import ConfigError, ExportError
+from vaeserve.export.calibrate import session_callables
+from vaeserve.export.exporter import export_checkpoint
+from vaeserve.export.manifest import file_sha256
+from vaeserve.export.repository import load_version
+from vaeserve.normalization import Normalizer
+from vaeserve.service.runtime import create_session
+from vaeserve.training.checkpoint import load_checkpoint
+
+
+def test_versions_auto_increment_and_are_never_overwritten(make_checkpoint, tmp_path):
+    checkpoint = make_checkpoint("ppca", kind="ppca", latent_dim=8)
+    assert export_checkpoint(checkpoint, tmp_path, "m").version == 1
+    assert export_checkpoint(checkpoint, tmp_path, "m").version == 2
+    assert export_checkpoint(checkpoint, tmp_path, "m", version=7).path == tmp_path / "m" / "7"
+    assert export_checkpoint(checkpoint, tmp_path, "m").version == 8
+    with pytest.raises(ExportError, match="already exists"):
+        export_checkpoint(checkpoint, tmp_path, "m", version=2)
+    # An incomplete folder (no manifest) still holds its number.
+    (tmp_path / "m" / "9").mkdir()
+    assert export_checkpoint(checkpoint, tmp_path, "m").version == 10
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "10", "2", "7", "8", "9"]
+
+
+def test_bad_names_are_refused(make_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="model name"):
+        export_checkpoint(make_checkpoint("ppca", kind="ppca", latent_dim=8), tmp_path, "../escape")
+
+
+def test_failing_parity_names_the_output_and_leaves_no_version(make_checkpoint, tmp_path):
+    with pytest.raises(ExportError) as failure:
+        export_checkpoint(make_checkpoint("vae", kind="vae"), tmp_path, "m", tolerance=1e-12)
+    message = str(failure.value)
+    assert "tolerance 1e-12" in message
+    # decoder.x_logits of a trained net never matches to 1e-12; its difference is printed with it.
+    assert "decoder.x_logits max abs diff " in message
+    diff = float(message.split("decoder.x_logits max abs diff ")[1].split(",")[0])
+    assert 1e-12 < diff < 1e-4
+    assert list((tmp_path / "m").iterdir()) == []  # temp folder removed, no version folder
+
+
+def test_manifest_describes_the_version(model_repository, make_checkpoint):
+    version = load_version(model_repository / "cvae" / "1")
+    m = json.loads((version.path / "manifest.json").read_text())
+    checkpoint = load_checkpoint(make_checkpoint("cvae"))
+    assert m["schema_version"] == 1 and m["name"] == "cvae" and m["version"] == 1
+    assert m["created"].endswith("+00:00")
+    assert m["model"] == {"kind": "cvae", "arch": "mlp", "latent_dim": 4, "likelihood": "bernoulli"}
+    assert m["input"] == {
+        "features": 64, "dtype": "float32", "shape": [-1, 64], "image_shape": [1, 8, 8],
+        "feature_names": checkpoint.data.feature_names,
+    }
+    assert m["labels"]["names"] == [str(c) for c in range(10)]
+    assert math.isclose(sum(m["labels"]["prior"]), 1.0) and min(m["labels"]["prior"]) > 0.08
+    normalizer = Normalizer.from_dict(m["normalization"])
+    assert normalizer.kind == "minmax" and np.array_equal(normalizer.scale, checkpoint.data.normalization.scale)
+    for graph in ("encoder", "decoder"):
+        assert m["graphs"][graph]["sha256"] == file_sha256(version.path / f"{graph}.onnx")
+    assert m["source_checkpoint"]["sha256"] == checkpoint.sha256()
+    assert set(m["producer"]) == {"vaeserve", "torch", "onnx", "onnxruntime"}
+    assert sorted(p.name for p in version.path.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert load_version(model_repository / "vae" / "1").manifest["labels"] is None
+
+
+@pytest.mark.parametrize("name", ["vae", "cvae", "ppca"])
+def test_thresholds_are_quantiles_of_the_served_scores(model_repository, make_checkpoint, name):
+    """Scoring the held-out rows again through the exported graphs reproduces the stored quantiles."""
+    version = load_version(model_repository / name / "1")
+    m = version.manifest
+    t = m["thresholds"]
+    raw, _ = load_checkpoint(make_checkpoint(name)).validation_rows()
+    x = Normalizer.from_dict(m["normalization"]).apply(raw)
+    encode, decode = session_callables(create_session(version.encoder_path), create_session(version.decoder_path))
+    prior = np.asarray(m["labels"]["prior"]) if m["labels"] else None
+    s = asyncio.run(scoring.score(x, encode, decode, m["model"]["likelihood"], class_prior=prior,
+                                  elbo_samples=t["elbo_samples"], iw_samples=t["iw_samples"], seed=t["seed"]))
+    assert t["calibration_rows"] == raw.shape[0] == 180
+    assert (t["elbo_samples"], t["iw_samples"], t["seed"]) == (scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED)
+    assert t["score"] == "neg_elbo" and t["target_false_positive_rate"] == 0.01
+    for score_name, values in (("neg_elbo", s.neg_elbo), ("neg_iw", s.neg_iw)):
+        stored = t["quantiles"][score_name]
+        assert list(stored) == ["0.95", "0.99", "0.999"]
+        assert stored["0.95"] <= stored["0.99"] <= stored["0.999"]
+        for q, value in stored.items():
+            assert value == pytest.approx(np.quantile(values, float(q)), rel=1e-6)
+    assert t["default"] == t["quantiles"]["neg_elbo"]["0.99"]
+    assert np.mean(s.neg_elbo > t["default"]) == pytest.approx(0.01, abs=0.006)  # 1-2 of 180 rows
+
+
+def test_ppca_importance_weighted_score_is_its_exact_log_likelihood(model_repository, make_checkpoint):
+    """PPCA's exact posterior makes every importance weight equal p(x): the exported graphs must give
+    -log N(x; m, W W^T + s^2 I) to float32 precision."""
+    version = load_version(model_repository / "ppca" / "1")
+    checkpoint = load_checkpoint(make_checkpoint("ppca"))
+    raw, _ = checkpoint.validation_rows()
+    x = checkpoint.data.normalization.apply(raw[:50]).astype(np.float64)
+    encode, decode = session_callables(create_session(version.encoder_path), create_session(version.decoder_path))
+    s = asyncio.run(scoring.score(x, encode, decode, "gaussian", iw_samples=16))
+    cov = checkpoint.model.covariance()
+    diff = x - checkpoint.model.decoder.mean.double().numpy()
+    _, logdet = np.linalg.slogdet(cov)
+    exact = 0.5 * (x.shape[1] * scoring.LOG_2PI + logdet + np.einsum("ij,ij->i", diff, np.linalg.solve(cov, diff.T).T))
+    np.testing.assert_allclose(s.neg_iw, exact, rtol=1e-4)
