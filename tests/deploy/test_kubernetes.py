@@ -1,7 +1,6 @@
 """The Kubernetes manifests parse, hang together (names, labels, ports), and say what the server
 needs: a GPU, gRPC health probes, h2c and headless Services, a termination period longer than the drain."""
 
-import re
 from pathlib import Path
 
 import pytest
