@@ -8,6 +8,7 @@ normalised feature space, float64. Posterior noise comes from a seeded generator
 every row, so a row's score does not depend on which other rows share its batch.
 """
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -60,9 +61,12 @@ def decoder_mean(params: dict[str, np.ndarray], likelihood: str) -> np.ndarray:
     return params["x_mean"]
 
 
+@functools.lru_cache(maxsize=64)
 def posterior_noise(samples: int, latent_dim: int, seed: int) -> np.ndarray:
-    """Standard normal noise [samples, latent_dim] for z = mu + sigma * eps."""
-    return np.random.default_rng(seed).standard_normal((samples, latent_dim))
+    """Standard normal noise [samples, latent_dim] for z = mu + sigma * eps; cached, read-only."""
+    eps = np.random.default_rng(seed).standard_normal((samples, latent_dim))
+    eps.flags.writeable = False
+    return eps
 
 
 def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
