@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up ./.venv (see setup.sh) and run the test suite.
+# Set up ./.venv (see setup.sh), install Prometheus for the deploy tests when missing, run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_prometheus.sh
 exec .venv/bin/python -m pytest "$@"
