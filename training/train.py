@@ -267,6 +267,8 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
         model.fit(x_train)
         history, fit_info = [], {"epochs_run": 0, "best_epoch": 0, "stopped_early": False}
     else:
+        if model_config.likelihood == "gaussian":
+            init_feature_logvar(model, x_train)
         if resume:
             state = torch.load(out / TRAINING_STATE, map_location="cpu", weights_only=False)
         history, fit_info = _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, out,
@@ -285,6 +287,17 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
         metrics["seconds"] = round(time.monotonic() - started, 2)
         write_json(out / "metrics.json", metrics)
     return TrainResult(out, metrics, plot_paths)
+
+
+def init_feature_logvar(model, x_train: np.ndarray) -> None:
+    """Start the learned per-feature log-variance at the log of each feature's training variance:
+    the right value for a decoder that predicts only the mean. Starting at 0 instead (variance 1, far
+    too wide on [0, 1] pixels) drowns the reconstruction term, the posterior collapses, and Adam needs
+    hundreds of epochs to walk log-variances of -4 and below down at ~lr per step."""
+    head = model.decoder.head
+    variance = np.maximum(x_train.var(axis=0), 1e-12)
+    with torch.no_grad():
+        head.logvar.copy_(torch.as_tensor(np.maximum(np.log(variance), head.min_logvar), dtype=head.logvar.dtype))
 
 
 def _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, out, schema, train_dict, state):
