@@ -108,7 +108,8 @@ def _idx(path: Path) -> Dataset:
         feature_names=[f"pixel_{r}_{c}" for r in range(h) for c in range(w)],
         label_names=names,
         image_shape=(1, h, w),
-        name=path.name.split("-")[0],
+        # the standard MNIST-style names say which split, not which data: name it by its folder then
+        name=path.parent.name if path.name.startswith(("train-", "t10k-")) else path.name.split("-")[0],
     )
 
 

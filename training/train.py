@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.normalization import Normalizer
@@ -140,6 +141,8 @@ def resolve(config: TrainConfig, data: Dataset) -> TrainConfig:
             raise DataError(
                 f"{data.name}: the label column has one class ({data.label_names[0]!r}); a CVAE needs at least 2"
             )
+    if config.labels is not None and not config.data.endswith((".csv", ".npz")):
+        raise ConfigError(f"--labels names a CSV column or an NPZ array; {config.data} has its labels built in or none")
     arch = config.arch or "mlp"
     if arch == "conv" and data.image_shape is None:
         raise ConfigError(f"--arch conv needs image data; {data.name} is tabular (use --arch mlp)")
@@ -271,8 +274,9 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
             init_feature_logvar(model, x_train)
         if resume:
             state = torch.load(out / TRAINING_STATE, map_location="cpu", weights_only=False)
-        history, fit_info = _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, out,
-                                 schema, train_dict, state)
+        with logging_redirect_tqdm():  # epoch log lines print above the progress bars, not through them
+            history, fit_info = _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, out,
+                                     schema, train_dict, state)
         model.load_state_dict(torch.load(out / "weights.pt", map_location="cpu", weights_only=True))
     model = model.cpu().eval()
 
