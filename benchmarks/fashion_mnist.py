@@ -92,7 +92,7 @@ def main() -> None:
         "epochs": len(history),
         "seconds_per_epoch": round(seconds_per_epoch, 1),
         "train_seconds_total": round(train_seconds, 1),
-        "normalisation": f"minmax per pixel, fitted on training images; pixels scaled by 255: {int(np.sum(scale == 255))}/784",
+        "normalisation": f"intensity x / {float(scale[0]):g} (shift {float(checkpoint.data.normalization.shift[0]):g}), fitted on training images",
         "test_rows": int(elbo["rows"]),
         "test_neg_elbo": round(elbo["neg_elbo"], 2),
         "test_reconstruction": round(elbo["reconstruction"], 2),

@@ -2,7 +2,7 @@
 PPCA) -> best checkpoint, metrics.json and plots.
 
 Defaults chosen from the data (any of them can be set explicitly):
-- normalisation: image rows -> minmax (intensities to [0, 1]); rows already in [0, 1] -> none;
+- normalisation: image rows -> minmax with one intensity range for all pixels (to [0, 1]); rows already in [0, 1] -> none;
   other real values -> standardize (a Bernoulli likelihood asked for on such data -> minmax).
   Always fitted on the training rows only.
 - likelihood: PPCA -> gaussian-fixed (its noise variance is fitted in closed form); data in [0, 1]
@@ -175,6 +175,16 @@ def resolve(config: TrainConfig, data: Dataset) -> TrainConfig:
     )
 
 
+def fit_normalizer(kind: str, x: np.ndarray, image: bool) -> Normalizer:
+    """Normalizer.fit, except that images get one intensity range for every pixel: per-pixel minmax
+    would scale a corner pixel that is rarely lit (max 3 of 255) up to full intensity."""
+    if kind == "minmax" and image:
+        low, high = float(x.min()), float(x.max())
+        features = x.shape[1]
+        return Normalizer(kind, np.full(features, low, np.float32), np.full(features, high - low if high > low else 1.0, np.float32))
+    return Normalizer.fit(kind, x)
+
+
 def class_prior(y: np.ndarray | None, classes: int) -> list[float] | None:
     if y is None:
         return None
@@ -233,7 +243,7 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
     if resume:
         normalizer = previous.data.normalization
     else:
-        normalizer = Normalizer.fit(config.normalization, data.x[train_idx])
+        normalizer = fit_normalizer(config.normalization, data.x[train_idx], data.image_shape is not None)
     schema = DataSchema(
         name=data.name,
         source=config.data,
