@@ -43,6 +43,7 @@ from vaeserve.training.model import ARCHS, KINDS, PPCA, ModelConfig, active_unit
 log = logging.getLogger(__name__)
 
 TRAINING_STATE = "training_state.pt"  # optimizer, epoch, history and latest weights, for --resume
+VAL_SAMPLES = 4  # posterior samples per row for the validation -ELBO that drives early stopping
 TRAIN_METRIC_ROWS = 5000  # training-split metrics are computed on at most this many rows
 
 
@@ -356,8 +357,9 @@ def _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, ou
             bar.set_postfix(loss=f"{terms['loss'].item():.2f}")
         train_terms = {k: v / len(xt) for k, v in sums.items()}
         model.eval()
-        with torch.no_grad():
-            val_terms = {k: v.item() for k, v in elbo_loss(model, xv, yv).items()}
+        with torch.no_grad():  # a few posterior samples, so early stopping follows the model, not the noise
+            passes = [elbo_loss(model, xv, yv) for _ in range(VAL_SAMPLES)]
+            val_terms = {k: sum(p[k].item() for p in passes) / VAL_SAMPLES for k in passes[0]}
         record = {
             "epoch": epoch + 1,
             "beta": beta,
