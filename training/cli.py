@@ -25,6 +25,12 @@ TRAIN_FLAGS = [
     ("--eval-samples", "eval_samples", int, "K of the importance-weighted log-likelihood in metrics.json (default 100)"),
 ]
 
+CHOICES = {  # the same lists as training.model.KINDS / ARCHS and scoring.LIKELIHOODS (kept torch-free here)
+    "model": ("vae", "cvae", "ppca"),
+    "arch": ("mlp", "conv"),
+    "likelihood": ("gaussian", "gaussian-fixed", "bernoulli"),
+}
+
 
 def register(subparsers) -> None:
     train = subparsers.add_parser(
@@ -34,7 +40,7 @@ def register(subparsers) -> None:
     )
     train.add_argument("--out", default=None, help="checkpoint directory (default runs/<data>-<model>; with --resume, that directory)")
     for flag, dest, kind, text in TRAIN_FLAGS:
-        train.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        train.add_argument(flag, dest=dest, type=kind, default=None, help=text, choices=CHOICES.get(dest))
     train.add_argument("--resume", metavar="CHECKPOINT", default=None,
                        help="continue the run in this checkpoint directory (its settings are kept; --epochs and --patience may change)")
     train.add_argument("--no-plots", dest="plots", action="store_false", default=True, help="skip writing plots")

@@ -108,3 +108,23 @@ def test_gaussian_vae_beats_ppca_on_held_out_digits(tmp_path, ppca_run):
     vae_ll = evaluate(vae.model, vae.data, x_raw, None, iw_samples=100)["iw_log_likelihood"]
     ppca_ll = exact_log_likelihood(ppca.model, ppca.data.normalization.apply(x_raw)).mean()
     assert vae_ll > ppca_ll + 5.0, (vae_ll, ppca_ll)
+
+
+def test_train_help_states_the_config_defaults():
+    """--help text repeats TrainConfig's defaults (the CLI module cannot import torch to read them)."""
+    import re
+    from dataclasses import fields
+
+    from vaeserve.scoring import LIKELIHOODS
+    from vaeserve.training.cli import CHOICES, TRAIN_FLAGS
+    from vaeserve.training.model import ARCHS, KINDS
+
+    assert CHOICES == {"model": KINDS, "arch": ARCHS, "likelihood": LIKELIHOODS}
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    checked = 0
+    for flag, dest, kind, text in TRAIN_FLAGS:
+        stated = re.search(r"\(default ([-+.\w]+)", text)
+        if stated and kind in (int, float):
+            assert kind(stated.group(1)) == defaults[dest], flag
+            checked += 1
+    assert checked >= 9
