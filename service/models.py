@@ -4,6 +4,7 @@ normaliser, and decoder means go back to raw units. Inputs are checked here and 
 InvalidInput naming the problem; nothing here knows about gRPC.
 """
 
+import dataclasses
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from vaeserve import scoring
 from vaeserve.errors import ConfigError, InvalidInput, ModelNotFound
 from vaeserve.normalization import Normalizer
 from vaeserve.service import metrics
-from vaeserve.service.batching import BatcherConfig, DynamicBatcher
+from vaeserve.service.batching import BatcherConfig, Coalescer, DynamicBatcher
 from vaeserve.service.runtime import Graph
 from vaeserve.service.settings import Settings
 
@@ -57,6 +58,7 @@ class ServedModel:
             "encoder": DynamicBatcher(self.encoder.run, config, executor, model=self.name, graph="encoder"),
             "decoder": DynamicBatcher(self.decoder.run, config, executor, model=self.name, graph="decoder"),
         }
+        self._scores = Coalescer(self._score_rows, _slice_scores, settings.max_rows)
         for graph_name, graph in (("encoder", self.encoder), ("decoder", self.decoder)):
             metrics.MODEL_INFO.labels(self.name, str(self.version), graph_name, graph.providers[0]).set(1)
 
@@ -167,19 +169,26 @@ class ServedModel:
         if threshold is not None and not np.isfinite(threshold):
             raise InvalidInput(f"threshold must be finite, got {threshold}")
 
-        async def encode(rows, labels_):
-            return await self.encode(rows, labels_, deadline)
-
-        async def decode(z, labels_):
-            return await self.decode(z, labels_, deadline)
-
-        scores = await scoring.score(
-            self.normalizer.apply(x), encode, decode, self.likelihood,
-            labels=y, class_prior=self.class_prior if self.conditional else None,
-            elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed,
-        )  # fmt: skip
+        feeds = {"x": self.normalizer.apply(x)} if y is None else {"x": self.normalizer.apply(x), "y": y}
+        scores = await self._scores.submit((y is not None, iw_samples), feeds, deadline)
         threshold = self.threshold if threshold is None else float(threshold)
         return ScoreResult(scores, threshold, scores.neg_elbo > threshold)
+
+    async def _score_rows(self, feeds: dict, key: tuple, deadline: float | None) -> scoring.Scores:
+        """Score normalised rows of one or more requests that share their options (see Coalescer)."""
+        _, iw_samples = key
+
+        async def encode(rows, labels):
+            return await self.encode(rows, labels, deadline)
+
+        async def decode(z, labels):
+            return await self.decode(z, labels, deadline)
+
+        return await scoring.score(
+            feeds["x"], encode, decode, self.likelihood,
+            labels=feeds.get("y"), class_prior=self.class_prior if self.conditional else None,
+            elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed,
+        )  # fmt: skip
 
     async def generate(self, count: int, labels, temperature: float, seed: int | None, deadline=None):
         labels = list(labels)
@@ -206,6 +215,13 @@ class ServedModel:
         y = self.one_hot(labels, len(z), required=True)
         params = await self.decode(z, y, deadline)
         return self.normalizer.invert(scoring.decoder_mean(params, self.likelihood))
+
+
+def _slice_scores(scores: scoring.Scores, start: int, stop: int) -> scoring.Scores:
+    return scoring.Scores(**{
+        f.name: None if (value := getattr(scores, f.name)) is None else value[start:stop]
+        for f in dataclasses.fields(scores)
+    })  # fmt: skip
 
 
 class ModelRegistry:
