@@ -4,6 +4,7 @@
     config.json      {"model": ModelConfig, "data": DataSchema, "train": training settings}
     metrics.json     train/validation ELBO, reconstruction, KL, active units, log-likelihood estimates
     validation.npz   held-out rows (raw x, y) the model never trained on: evaluation and threshold calibration
+    sample_rows.csv  a few of those rows with their feature names: an input to try the served model with
     plots/*.png      written by the training run
 """
 
@@ -91,6 +92,11 @@ def save_validation_rows(path: Path, x: np.ndarray, y: np.ndarray | None) -> Non
     arrays = {"x": x} if y is None else {"x": x, "y": y}
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / VALIDATION, lambda p: np.savez(open(p, "wb"), **arrays))
+
+
+def save_sample_rows(path: Path, x: np.ndarray, feature_names: list[str]) -> None:
+    header = ",".join(feature_names)
+    _write_atomic(path / "sample_rows.csv", lambda p: np.savetxt(p, x, delimiter=",", header=header, comments="", fmt="%.9g"))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

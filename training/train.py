@@ -34,6 +34,7 @@ from vaeserve.training.checkpoint import (
     DataSchema,
     load_checkpoint,
     save_checkpoint,
+    save_sample_rows,
     save_validation_rows,
     write_json,
 )
@@ -271,6 +272,7 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
     model = build_model(model_config)
     x_train, x_val = normalizer.apply(data.x[train_idx]), normalizer.apply(data.x[val_idx])
     save_validation_rows(out, data.x[val_idx], y_val)
+    save_sample_rows(out, data.x[val_idx[:8]], data.feature_names)
     train_dict = asdict(config)
     log.info("training %s (%s, %s likelihood, latent %d) on %s: %d training rows, %d validation rows, %s",
              config.model, config.arch, config.likelihood, config.latent_dim, data.name, len(train_idx),
