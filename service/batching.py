@@ -163,21 +163,28 @@ class DynamicBatcher:
             self._compute.observe(time.perf_counter() - start)
             self._batch_rows.observe(rows)
         except asyncio.CancelledError:
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(ModelNotReady(f"model {self.model!r} stopped serving"))
+            _fail(batch, ModelNotReady(f"model {self.model!r} stopped serving"))
             raise
         except Exception as err:  # the graph failed: only this batch's callers hear of it
             log.exception("%s %s batch of %d rows failed", self.model, self.graph, rows)
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(err)
+            _fail(batch, err)
             return
-        start = 0
-        for r in batch:
-            if not r.future.done():
-                r.future.set_result({name: value[start : start + r.rows] for name, value in outputs.items()})
-            start += r.rows
+        _answer(batch, lambda start, stop: {name: value[start:stop] for name, value in outputs.items()})
+
+
+def _fail(batch: list[_Request], err: BaseException) -> None:
+    for r in batch:
+        if not r.future.done():
+            r.future.set_exception(err)
+
+
+def _answer(batch: list[_Request], rows_of: Callable[[int, int], object]) -> None:
+    """Give each request of a batch its own rows of the batch's result, in order."""
+    start = 0
+    for r in batch:
+        if not r.future.done():
+            r.future.set_result(rows_of(start, start + r.rows))
+        start += r.rows
 
 
 class Coalescer:
@@ -234,12 +241,6 @@ class Coalescer:
         try:
             result = await self._compute(feeds, key, deadline)
         except Exception as err:  # only this call's requests hear of it
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(err)
+            _fail(batch, err)
             return
-        start = 0
-        for r in batch:
-            if not r.future.done():
-                r.future.set_result(self._split(result, start, start + r.rows))
-            start += r.rows
+        _answer(batch, lambda start, stop: self._split(result, start, stop))
