@@ -2,11 +2,14 @@
 PPCA) -> best checkpoint, metrics.json and plots.
 
 Defaults chosen from the data (any of them can be set explicitly):
-- normalisation: image rows -> minmax with one intensity range for all pixels (to [0, 1]); rows already in [0, 1] -> none;
-  other real values -> standardize (a Bernoulli likelihood asked for on such data -> minmax).
+- normalisation: image rows -> minmax with one intensity range for all pixels (to [0, 1]); tables -> standardize,
+  values clipped to +-10, also when they lie in [0, 1] (a Bernoulli likelihood asked for -> none on [0, 1] data,
+  minmax otherwise).
   Always fitted on the training rows only.
-- likelihood: PPCA -> gaussian-fixed (its noise variance is fitted in closed form); data in [0, 1]
-  after normalisation -> bernoulli; otherwise gaussian with a learned per-feature variance.
+- likelihood: PPCA -> gaussian-fixed (its noise variance is fitted in closed form); images (minmax) and
+  [0, 1] data left unnormalised -> bernoulli; otherwise gaussian with a learned per-feature variance.
+  Tables in [0, 1] get standardize + gaussian: on ADBench (vaeserve bench anomaly, 1 seed) Bernoulli on
+  them scored AUROC 48.8 / 52.5 / 96.3 on annthyroid / thyroid / pendigits, Gaussian 96.3 / 97.6 / 99.6.
 - latent size: round(sqrt(features)) clipped to [2, 32] and below the feature count
   (digits 64 -> 8, Fashion-MNIST 784 -> 28, a 9-column table -> 3).
 - hidden widths (MLP): the smallest power of two >= 2 x features, clipped to [64, 512], then half of
@@ -160,12 +163,13 @@ def resolve(config: TrainConfig, data: Dataset) -> TrainConfig:
     if normalization is None:
         if data.image_shape is not None or (likelihood == "bernoulli" and not data.binary_or_unit):
             normalization = "minmax"
-        elif data.binary_or_unit:
+        elif likelihood == "bernoulli":
             normalization = "none"
         else:
             normalization = "standardize"
     if likelihood is None:
-        likelihood = "bernoulli" if normalization == "minmax" or data.binary_or_unit else "gaussian"
+        unit = normalization == "minmax" or (normalization == "none" and data.binary_or_unit)
+        likelihood = "bernoulli" if unit else "gaussian"
     if likelihood == "bernoulli" and normalization == "standardize":
         raise ConfigError("a Bernoulli likelihood needs values in [0, 1]: use minmax normalisation, not standardize")
     latent_dim = config.latent_dim or default_latent_dim(features)
