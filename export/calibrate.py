@@ -6,13 +6,10 @@ is scored label-free with its class prior (log p(x) ~ log sum_y p(y) p(x|y)), be
 a request's labels are optional and an anomalous row may carry no trustworthy label.
 """
 
-import asyncio
-
 import numpy as np
-import onnxruntime as ort
 
 from vaeserve import scoring
-from vaeserve.service.runtime import run
+from vaeserve.service.runtime import Graph, scoring_callables
 
 QUANTILES = (0.95, 0.99, 0.999)
 TARGET_FALSE_POSITIVE_RATE = 0.01  # the default threshold is the 99th percentile of -ELBO
@@ -21,38 +18,22 @@ MAX_ROWS = 2000  # more held-out rows than this are subsampled (seeded): calibra
 CHUNK_VALUES = 1 << 24  # decoder output values held at once; rows are scored in chunks below this
 
 
-def session_callables(encoder: ort.InferenceSession, decoder: ort.InferenceSession):
-    """The encoder and decoder as the async callables vaeserve.scoring takes."""
-
-    def feeds(first: str, a: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
-        return {first: a} if labels is None else {first: a, "y": labels}
-
-    async def encode(x, labels):
-        out = run(encoder, feeds("x", x, labels))
-        return out["mu"], out["logvar"]
-
-    async def decode(z, labels):
-        return run(decoder, feeds("z", z, labels))
-
-    return encode, decode
-
-
-def calibrate(x: np.ndarray, encoder: ort.InferenceSession, decoder: ort.InferenceSession, likelihood: str,
+def calibrate(x: np.ndarray, encoder: Graph, decoder: Graph, likelihood: str,
               class_prior: list[float] | None = None, max_rows: int = MAX_ROWS) -> dict:
     """The manifest's `thresholds` section for normalised held-out rows x [rows, features]."""
     if x.shape[0] > max_rows:
         x = x[np.sort(np.random.default_rng(scoring.SEED).choice(x.shape[0], max_rows, replace=False))]
-    encode, decode = session_callables(encoder, decoder)
+    encode, decode = scoring_callables(encoder, decoder)
     classes = 1 if class_prior is None else len(class_prior)
     samples = scoring.ELBO_SAMPLES + scoring.IW_SAMPLES
     chunk = max(1, CHUNK_VALUES // (classes * samples * x.shape[1]))
     neg_elbo, neg_iw = [], []
     for start in range(0, x.shape[0], chunk):
-        s = asyncio.run(scoring.score(
+        s = scoring.score(
             x[start : start + chunk], encode, decode, likelihood,
             class_prior=None if class_prior is None else np.asarray(class_prior),
             elbo_samples=scoring.ELBO_SAMPLES, iw_samples=scoring.IW_SAMPLES, seed=scoring.SEED,
-        ))
+        )
         neg_elbo.append(s.neg_elbo)
         neg_iw.append(s.neg_iw)
     scores = {"neg_elbo": np.concatenate(neg_elbo), "neg_iw": np.concatenate(neg_iw)}

@@ -25,7 +25,7 @@ from vaeserve.export.graphs import OPSET, describe, export_graph
 from vaeserve.export.manifest import SCHEMA_VERSION, file_sha256, write_manifest
 from vaeserve.export.repository import NAME_PATTERN, ModelVersion, load_version, next_version
 from vaeserve.export.validate import BATCH_SIZES, TOLERANCE, check_parity, max_abs_diff, parity_batches
-from vaeserve.service.runtime import create_session
+from vaeserve.service.runtime import Graph
 from vaeserve.training.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,15 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
     for spec in specs:
         export_graph(modules[spec.name], spec, folder / spec.file, exporter)
     onnxruntime.set_default_logger_severity(3)  # the CUDA provider failing to load on a GPU-less box is expected
-    sessions = {spec.name: create_session(folder / spec.file) for spec in specs}
+    graphs = {spec.name: Graph(folder / spec.file) for spec in specs}
 
     batches = parity_batches(x, labels, model.encoder, batch_sizes)
     diffs = {}
     for i, spec in enumerate(specs):
-        diffs |= max_abs_diff(modules[spec.name], sessions[spec.name], spec, [b[i] for b in batches])
+        diffs |= max_abs_diff(modules[spec.name], graphs[spec.name], spec, [b[i] for b in batches])
     check_parity(diffs, tolerance)
 
-    thresholds = calibrate(x, sessions["encoder"], sessions["decoder"], config.likelihood,
+    thresholds = calibrate(x, graphs["encoder"], graphs["decoder"], config.likelihood,
                            class_prior if config.conditional else None)
     return {
         "schema_version": SCHEMA_VERSION,

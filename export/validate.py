@@ -5,12 +5,11 @@ names the output and its max absolute difference.
 """
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from vaeserve.errors import ExportError
 from vaeserve.export.graphs import GraphSpec
-from vaeserve.service.runtime import run
+from vaeserve.service.runtime import Graph
 
 BATCH_SIZES = (1, 7, 256)
 TOLERANCE = 1e-4  # max absolute difference, fp32
@@ -41,21 +40,19 @@ def parity_batches(
     return batches
 
 
-def max_abs_diff(module: torch.nn.Module, session: ort.InferenceSession, spec: GraphSpec,
+def max_abs_diff(module: torch.nn.Module, graph: Graph, spec: GraphSpec,
                  feeds_by_batch: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Max |ORT - torch| of each output over all batches, keyed `graph.output` (e.g. `encoder.mu`)."""
-    declared_in = [i.name for i in session.get_inputs()]
-    declared_out = [o.name for o in session.get_outputs()]
-    if declared_in != spec.input_names or declared_out != spec.output_names:
+    if graph.inputs != spec.input_names or graph.outputs != spec.output_names:
         raise ExportError(
-            f"{spec.file}: graph declares inputs {declared_in} and outputs {declared_out}, "
+            f"{spec.file}: graph declares inputs {graph.inputs} and outputs {graph.outputs}, "
             f"expected {spec.input_names} and {spec.output_names}"
         )
     worst = {f"{spec.name}.{name}": 0.0 for name in spec.output_names}
     for feeds in feeds_by_batch:
         with torch.no_grad():
             expected = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
-        got = run(session, feeds)
+        got = graph.run(feeds)
         for name, want in zip(spec.output_names, expected):
             key, have, want = f"{spec.name}.{name}", got[name], want.numpy()
             if have.shape != want.shape:

@@ -1,5 +1,5 @@
-"""Served model versions: the manifest turned into batched encoder/decoder calls and the domain
-operations of the API on NumPy arrays. Rows arrive raw, are normalised with the manifest's
+"""Served model versions: the manifest turned into batched graph calls (and batched Score pipelines)
+and the domain operations of the API on NumPy arrays. Rows arrive raw, are normalised with the manifest's
 normaliser, and decoder means go back to raw units. Inputs are checked here and rejected with
 InvalidInput naming the problem; nothing here knows about gRPC.
 """
@@ -15,8 +15,8 @@ from vaeserve import scoring
 from vaeserve.errors import ConfigError, InvalidInput, ModelNotFound
 from vaeserve.normalization import Normalizer
 from vaeserve.service import metrics
-from vaeserve.service.batching import BatcherConfig, Coalescer, DynamicBatcher
-from vaeserve.service.runtime import Graph
+from vaeserve.service.batching import BatcherConfig, DynamicBatcher
+from vaeserve.service.runtime import Graph, scoring_callables
 from vaeserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,14 @@ class ServedModel:
         self.conditional = "y" in self.encoder.inputs
         if self.conditional and not self.label_names:
             raise ConfigError(f"{version.path}: the graphs take labels y but the manifest names none")
+        self._encode, self._decode = scoring_callables(self.encoder, self.decoder)
         config = BatcherConfig(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0, settings.max_queue_size)
         self.batchers = {
-            "encoder": DynamicBatcher(self.encoder.run, config, executor, model=self.name, graph="encoder"),
-            "decoder": DynamicBatcher(self.decoder.run, config, executor, model=self.name, graph="decoder"),
+            "encoder": DynamicBatcher(lambda feeds, _: self.encoder.run(feeds), config, executor, model=self.name, graph="encoder"),
+            "decoder": DynamicBatcher(lambda feeds, _: self.decoder.run(feeds), config, executor, model=self.name, graph="decoder"),
+            # Score runs encoder, sampling, decoder and likelihood as one batched unit: one executor trip per batch.
+            "score": DynamicBatcher(self._score_batch, config, executor, model=self.name, graph="score", split=_slice_scores),
         }
-        self._scores = Coalescer(self._score_rows, _slice_scores, settings.max_rows)
         for graph_name, graph in (("encoder", self.encoder), ("decoder", self.decoder)):
             metrics.MODEL_INFO.labels(self.name, str(self.version), graph_name, graph.providers[0]).set(1)
 
@@ -170,22 +172,15 @@ class ServedModel:
             raise InvalidInput(f"threshold must be finite, got {threshold}")
 
         feeds = {"x": self.normalizer.apply(x)} if y is None else {"x": self.normalizer.apply(x), "y": y}
-        scores = await self._scores.submit((y is not None, iw_samples), feeds, deadline)
+        scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
         threshold = self.threshold if threshold is None else float(threshold)
         return ScoreResult(scores, threshold, scores.neg_elbo > threshold)
 
-    async def _score_rows(self, feeds: dict, key: tuple, deadline: float | None) -> scoring.Scores:
-        """Score normalised rows of one or more requests that share their options (see Coalescer)."""
+    def _score_batch(self, feeds: dict, key: tuple) -> scoring.Scores:
+        """Score the normalised rows of a batch of requests that share their options; runs off the loop."""
         _, iw_samples = key
-
-        async def encode(rows, labels):
-            return await self.encode(rows, labels, deadline)
-
-        async def decode(z, labels):
-            return await self.decode(z, labels, deadline)
-
-        return await scoring.score(
-            feeds["x"], encode, decode, self.likelihood,
+        return scoring.score(
+            feeds["x"], self._encode, self._decode, self.likelihood,
             labels=feeds.get("y"), class_prior=self.class_prior if self.conditional else None,
             elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed,
         )  # fmt: skip

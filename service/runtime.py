@@ -29,15 +29,8 @@ def create_session(path: str | Path, intra_op_threads: int = 1) -> ort.Inference
     return ort.InferenceSession(str(path), options, providers=wanted_providers())
 
 
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a graph, feeding only the inputs it declares; outputs by name."""
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name: np.ascontiguousarray(feeds[i.name], np.float32) for i in session.get_inputs()}
-    return dict(zip(names, session.run(names, inputs)))
-
-
 class Graph:
-    """One session with its input and output names looked up once; `run` is what a batcher calls."""
+    """One session with its input and output names looked up once."""
 
     def __init__(self, path: str | Path, intra_op_threads: int = 1):
         self.session = create_session(path, intra_op_threads)
@@ -46,5 +39,20 @@ class Graph:
         self.providers = list(self.session.get_providers())
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name; only the inputs the graph declares are fed (a VAE's feeds may carry y=None)."""
         inputs = {name: np.ascontiguousarray(feeds[name], np.float32) for name in self.inputs}
         return dict(zip(self.outputs, self.session.run(self.outputs, inputs)))
+
+
+def scoring_callables(encoder: Graph, decoder: Graph):
+    """encode(x, y) -> (mu, logvar) and decode(z, y) -> {output name: array}: the two graphs in the form
+    vaeserve.scoring takes; y is None for an unconditional model."""
+
+    def encode(x, y):
+        out = encoder.run({"x": x, "y": y})
+        return out["mu"], out["logvar"]
+
+    def decode(z, y):
+        return decoder.run({"z": z, "y": y})
+
+    return encode, decode

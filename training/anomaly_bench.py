@@ -86,16 +86,13 @@ def pca_scores(x_train, x_test, seed: int) -> np.ndarray:
 
 def served_scores(version, x_raw: np.ndarray) -> dict[str, np.ndarray]:
     """Every score of raw rows through the exported graphs, as ServedModel.score computes them."""
-    import asyncio
-
     from vaeserve import scoring
-    from vaeserve.export.calibrate import session_callables
     from vaeserve.normalization import Normalizer
-    from vaeserve.service.runtime import create_session
+    from vaeserve.service.runtime import Graph, scoring_callables
 
     manifest = version.manifest
     thresholds = manifest["thresholds"]
-    encode, decode = session_callables(create_session(version.encoder_path), create_session(version.decoder_path))
+    encode, decode = scoring_callables(Graph(version.encoder_path), Graph(version.decoder_path))
     x = Normalizer.from_dict(manifest["normalization"]).apply(x_raw)
     elbo_samples = int(thresholds.get("elbo_samples", scoring.ELBO_SAMPLES))
     iw_samples = int(thresholds.get("iw_samples", scoring.IW_SAMPLES))
@@ -103,8 +100,8 @@ def served_scores(version, x_raw: np.ndarray) -> dict[str, np.ndarray]:
     chunk = max(1, CHUNK_VALUES // ((elbo_samples + iw_samples) * x.shape[1]))
     parts = []
     for start in range(0, len(x), chunk):
-        parts.append(asyncio.run(scoring.score(x[start : start + chunk], encode, decode, manifest["model"]["likelihood"],
-                                               elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed)))  # fmt: skip
+        parts.append(scoring.score(x[start : start + chunk], encode, decode, manifest["model"]["likelihood"],
+                                   elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed))  # fmt: skip
     return {name: np.concatenate([getattr(p, name) for p in parts]) for name in SCORES}
 
 

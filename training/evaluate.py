@@ -1,12 +1,11 @@
 """Held-out evaluation: the ELBO and the K-sample importance-weighted log-likelihood estimate, and for
 PPCA the exact log-likelihood.
 
-Scores come from vaeserve.scoring, the same code the service runs, through async callables that wrap
+Scores come from vaeserve.scoring, the same code the service runs, through callables that wrap
 the torch encoder and decoder, so the numbers here and the service's agree by construction. All values
 are nats per row in the model's normalised feature space (log p of the normalised row).
 """
 
-import asyncio
 import copy
 
 import numpy as np
@@ -35,12 +34,12 @@ def torch_callables(model: torch.nn.Module, device: str = "cpu", dtype: torch.dt
     def tensor(a):
         return None if a is None else torch.as_tensor(a).to(device=device, dtype=dtype)
 
-    async def encode(x, y):
+    def encode(x, y):
         with torch.no_grad():
             mu, logvar = model.encoder(tensor(x), tensor(y))
         return mu.cpu().numpy(), logvar.cpu().numpy()
 
-    async def decode(z, y):
+    def decode(z, y):
         parts = []
         with torch.no_grad():
             for start in range(0, z.shape[0], MAX_DECODE_BATCH):
@@ -78,20 +77,13 @@ def score_rows(
     copies = (elbo_samples + iw_samples) * (len(class_prior) if label_free else 1)
     chunk = max(1, MAX_CHUNK_VALUES // (copies * x.shape[1]))
 
-    async def run() -> list[scoring.Scores]:
-        out = []
-        for start in range(0, x.shape[0], chunk):
-            y = None if labels is None else labels[start : start + chunk]
-            out.append(
-                await scoring.score(
-                    x[start : start + chunk], encode, decode, model.config.likelihood,
-                    labels=y, class_prior=class_prior,
-                    elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed,
-                )
-            )
-        return out
-
-    parts = asyncio.run(run())
+    parts = []
+    for start in range(0, x.shape[0], chunk):
+        y = None if labels is None else labels[start : start + chunk]
+        parts.append(scoring.score(
+            x[start : start + chunk], encode, decode, model.config.likelihood, labels=y, class_prior=class_prior,
+            elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed,
+        ))  # fmt: skip
     neg_iw = None if iw_samples == 0 else np.concatenate([p.neg_iw for p in parts])
     return scoring.Scores(
         neg_elbo=np.concatenate([p.neg_elbo for p in parts]),

@@ -265,7 +265,7 @@ async def _run_all(args, version) -> dict:
                   + [("score 256 rows, 8 callers, 2 workers", bulk, 8, 256)])  # fmt: skip
 
     print("raw ONNX Runtime in-process, same work (scoring.score on the sessions, 1 intra-op thread)")
-    report("raw ORT score 256 rows", await _raw_ort(version, bulk, args.seconds))
+    report("raw ORT score 256 rows", _raw_ort(version, bulk, args.seconds))
 
     echo64 = results.get("echo 64 callers", {}).get("req_s")
     served64 = results.get("score 1 row, 64 callers, batching on", {}).get("req_s")
@@ -276,14 +276,14 @@ async def _run_all(args, version) -> dict:
     return results
 
 
-async def _raw_ort(version, request, seconds):
+def _raw_ort(version, request, seconds):
     import time
 
     import numpy as np
 
     from vaeserve import scoring
     from vaeserve.normalization import Normalizer
-    from vaeserve.service.runtime import Graph
+    from vaeserve.service.runtime import Graph, scoring_callables
 
     manifest = version.manifest
     encoder, decoder = Graph(version.encoder_path), Graph(version.decoder_path)
@@ -292,27 +292,21 @@ async def _raw_ort(version, request, seconds):
     labels = manifest.get("labels")
     prior = np.asarray(labels["prior"]) if labels and "y" in encoder.inputs else None
 
-    async def encode(x, y):
-        out = encoder.run({"x": x, "y": y})
-        return out["mu"], out["logvar"]
-
-    async def decode(z, y):
-        return decoder.run({"z": z, "y": y})
-
+    encode, decode = scoring_callables(encoder, decoder)
     rows = len(request.x.data) // 4 // request.x.shape[1]
 
-    async def one():
+    def one():
         x = np.frombuffer(request.x.data, "<f4").reshape(tuple(request.x.shape))
-        await scoring.score(normalizer.apply(x), encode, decode, manifest["model"]["likelihood"], class_prior=prior,
-                            elbo_samples=t.get("elbo_samples", scoring.ELBO_SAMPLES), seed=t.get("seed", scoring.SEED))  # fmt: skip
+        scoring.score(normalizer.apply(x), encode, decode, manifest["model"]["likelihood"], class_prior=prior,
+                      elbo_samples=t.get("elbo_samples", scoring.ELBO_SAMPLES), seed=t.get("seed", scoring.SEED))  # fmt: skip
 
     latencies = []
-    await one()
+    one()
     end = time.perf_counter() + seconds
     start = time.perf_counter()
     while time.perf_counter() < end:
         t0 = time.perf_counter()
-        await one()
+        one()
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
     lat = np.asarray(latencies) * 1000

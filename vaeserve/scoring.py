@@ -1,15 +1,15 @@
 """Scores of rows under a VAE: -ELBO, its reconstruction and KL terms, the K-sample importance-weighted
 bound, and per-feature terms. NumPy only, because the service carries no torch.
 
-The encoder and decoder come in as async callables, so one implementation scores through the
-service's batched ONNX Runtime sessions, through ONNX Runtime directly (export calibration,
-benchmarks) and through a torch model (`vaeserve evaluate`). Everything is in nats, in the model's
+The encoder and decoder come in as callables, so one implementation scores through ONNX Runtime
+(the service, inside one batch of Score requests; export calibration; benchmarks) and through a
+torch model (`vaeserve evaluate`). Everything is in nats, in the model's
 normalised feature space, float64. Posterior noise comes from a seeded generator and is shared by
 every row, so a row's score does not depend on which other rows share its batch.
 """
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +23,8 @@ ELBO_SAMPLES = 8  # posterior samples for the reconstruction term of the ELBO
 IW_SAMPLES = 64  # K of the importance-weighted bound when a caller asks for it
 SEED = 0  # seed of the posterior noise
 
-Encode = Callable[[np.ndarray, np.ndarray | None], Awaitable[tuple[np.ndarray, np.ndarray]]]
-Decode = Callable[[np.ndarray, np.ndarray | None], Awaitable[dict[str, np.ndarray]]]
+Encode = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+Decode = Callable[[np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
 
 
 def decoder_outputs(likelihood: str) -> tuple[str, ...]:
@@ -86,7 +86,7 @@ class Scores:
     per_feature: np.ndarray  # [rows, features]: -E_q[log p(x_d|z)]
 
 
-async def score(
+def score(
     x: np.ndarray,
     encode: Encode,
     decode: Decode,
@@ -104,13 +104,13 @@ async def score(
     to be scored label-free: log p(x) ~ log sum_y p(y) p(x|y), each p(x|y) through its own bound.
     """
     if class_prior is None or labels is not None:
-        return await _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples, seed)
+        return _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples, seed)
 
     rows, classes = x.shape[0], len(class_prior)
     # Every row under every label in one pass: row r with class c sits at c * rows + r.
     tiled_x = np.tile(x, (classes, 1))
     tiled_y = np.repeat(np.eye(classes, dtype=np.float32), rows, axis=0)
-    each = await _score_given(tiled_x, tiled_y, encode, decode, likelihood, elbo_samples, iw_samples, seed)
+    each = _score_given(tiled_x, tiled_y, encode, decode, likelihood, elbo_samples, iw_samples, seed)
     log_prior = np.log(np.asarray(class_prior, np.float64))[:, None]
 
     def by_class(a):
@@ -133,19 +133,19 @@ async def score(
     )
 
 
-async def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples, seed) -> Scores:
+def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples, seed) -> Scores:
     if elbo_samples < 1:
         raise ValueError("elbo_samples must be at least 1")
     x = np.asarray(x, np.float64)
     rows = x.shape[0]
-    mu, logvar = await encode(x.astype(np.float32), labels)
+    mu, logvar = encode(x.astype(np.float32), labels)
     mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
     latent_dim = mu.shape[1]
     samples = elbo_samples + iw_samples
     eps = posterior_noise(samples, latent_dim, seed)
     z = mu[None] + np.exp(0.5 * logvar)[None] * eps[:, None, :]  # [samples, rows, latent]
     tiled_labels = None if labels is None else np.tile(labels, (samples, 1))
-    params = await decode(z.reshape(samples * rows, latent_dim).astype(np.float32), tiled_labels)
+    params = decode(z.reshape(samples * rows, latent_dim).astype(np.float32), tiled_labels)
     log_px_z = feature_log_likelihood(np.tile(x, (samples, 1)), params, likelihood).reshape(samples, rows, -1)
 
     per_feature = -log_px_z[:elbo_samples].mean(axis=0)

@@ -1,6 +1,5 @@
 """export_checkpoint: versions, failure leaves nothing complete, manifest contents, thresholds."""
 
-import asyncio
 import json
 import math
 
@@ -9,12 +8,11 @@ import pytest
 
 from vaeserve import scoring
 from vaeserve.errors import ConfigError, ExportError
-from vaeserve.export.calibrate import session_callables
 from vaeserve.export.exporter import export_checkpoint
 from vaeserve.export.manifest import file_sha256
 from vaeserve.export.repository import load_version
 from vaeserve.normalization import Normalizer
-from vaeserve.service.runtime import create_session
+from vaeserve.service.runtime import Graph, scoring_callables
 from vaeserve.training.checkpoint import load_checkpoint
 
 
@@ -80,10 +78,10 @@ def test_thresholds_are_quantiles_of_the_served_scores(model_repository, make_ch
     t = m["thresholds"]
     raw, _ = load_checkpoint(make_checkpoint(name)).validation_rows()
     x = Normalizer.from_dict(m["normalization"]).apply(raw)
-    encode, decode = session_callables(create_session(version.encoder_path), create_session(version.decoder_path))
+    encode, decode = scoring_callables(Graph(version.encoder_path), Graph(version.decoder_path))
     prior = np.asarray(m["labels"]["prior"]) if m["labels"] else None
-    s = asyncio.run(scoring.score(x, encode, decode, m["model"]["likelihood"], class_prior=prior,
-                                  elbo_samples=t["elbo_samples"], iw_samples=t["iw_samples"], seed=t["seed"]))
+    s = scoring.score(x, encode, decode, m["model"]["likelihood"], class_prior=prior,
+                      elbo_samples=t["elbo_samples"], iw_samples=t["iw_samples"], seed=t["seed"])
     assert t["calibration_rows"] == raw.shape[0] == 180
     assert (t["elbo_samples"], t["iw_samples"], t["seed"]) == (scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED)
     assert t["score"] == "neg_elbo" and t["target_false_positive_rate"] == 0.01
@@ -104,8 +102,8 @@ def test_ppca_importance_weighted_score_is_its_exact_log_likelihood(model_reposi
     checkpoint = load_checkpoint(make_checkpoint("ppca"))
     raw, _ = checkpoint.validation_rows()
     x = checkpoint.data.normalization.apply(raw[:50]).astype(np.float64)
-    encode, decode = session_callables(create_session(version.encoder_path), create_session(version.decoder_path))
-    s = asyncio.run(scoring.score(x, encode, decode, "gaussian", iw_samples=16))
+    encode, decode = scoring_callables(Graph(version.encoder_path), Graph(version.decoder_path))
+    s = scoring.score(x, encode, decode, "gaussian", iw_samples=16)
     cov = checkpoint.model.covariance()
     diff = x - checkpoint.model.decoder.mean.double().numpy()
     _, logdet = np.linalg.slogdet(cov)

@@ -29,10 +29,14 @@ def test_health_and_sigterm_during_load(model_repository, start_server):
                 assert (await watch.read()).status == SERVING
                 x = np.ones((1, 64), np.float32)
                 calls = [asyncio.ensure_future(client.score("vae", x + i)) for i in range(IN_FLIGHT)]
-                # Wait until every request sits in the encoder queue, then ask the server to stop.
-                key = ("vaeserve_pending_requests", (("graph", "encoder"), ("model", "vae")))
-                while (await asyncio.to_thread(server.metrics)).get(key, 0) < IN_FLIGHT:
+                # Wait (at most 20 s) until every request sits in the Score queue, then ask the server to stop.
+                key = ("vaeserve_pending_requests", (("graph", "score"), ("model", "vae")))
+                for _ in range(1000):
+                    if (await asyncio.to_thread(server.metrics)).get(key, 0) >= IN_FLIGHT:
+                        break
                     await asyncio.sleep(0.02)
+                else:
+                    pytest.fail(f"{IN_FLIGHT} requests never showed as pending")
                 server.process.send_signal(15)
                 assert (await watch.read()).status == NOT_SERVING
                 watch.cancel()

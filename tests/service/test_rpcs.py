@@ -9,7 +9,7 @@ import pytest
 from vaeserve import scoring
 from vaeserve.export.repository import scan_repository
 from vaeserve.normalization import Normalizer
-from vaeserve.service.runtime import create_session, run
+from vaeserve.service.runtime import Graph, scoring_callables
 
 MODELS = ["vae", "cvae", "ppca"]
 
@@ -19,8 +19,9 @@ class Reference:
 
     def __init__(self, version):
         self.manifest = version.manifest
-        self.encoder = create_session(version.encoder_path)
-        self.decoder = create_session(version.decoder_path)
+        self.encoder = Graph(version.encoder_path)
+        self.decoder = Graph(version.decoder_path)
+        self.encode, self.decode = scoring_callables(self.encoder, self.decoder)
         self.normalizer = Normalizer.from_dict(self.manifest["normalization"])
         self.likelihood = self.manifest["model"]["likelihood"]
         self.labels = (self.manifest.get("labels") or {}).get("names")
@@ -28,15 +29,8 @@ class Reference:
     def one_hot(self, labels):
         return None if labels is None else np.eye(len(self.labels), dtype=np.float32)[[self.labels.index(l) for l in labels]]
 
-    async def encode(self, x, y):
-        out = run(self.encoder, {"x": x, "y": y})
-        return out["mu"], out["logvar"]
-
-    async def decode(self, z, y):
-        return run(self.decoder, {"z": z, "y": y})
-
     def decode_mean(self, z, y):
-        return self.normalizer.invert(scoring.decoder_mean(run(self.decoder, {"z": z, "y": y}), self.likelihood))
+        return self.normalizer.invert(scoring.decoder_mean(self.decode(z, y), self.likelihood))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def test_list_and_get_model(client, references):
         meta = client.get_model(name)
         assert (meta.name, meta.version, meta.kind) == (name, 1, ref.manifest["model"]["kind"])
         assert meta.latent_dim == ref.manifest["model"]["latent_dim"] and meta.features == 64
-        assert list(meta.encoder.providers) == ref.encoder.get_providers()
+        assert list(meta.encoder.providers) == ref.encoder.providers
         assert meta.encoder.sha256 == ref.manifest["graphs"]["encoder"]["sha256"]
         assert meta.thresholds.default == pytest.approx(ref.manifest["thresholds"]["default"])
         assert list(meta.labels) == (ref.labels if name == "cvae" else [])
@@ -65,7 +59,7 @@ def test_embed(client, references, rows, name):
     x, labels = rows
     ref = references[name]
     y = ref.one_hot(labels_for(name, labels))
-    mu, logvar = asyncio.run(ref.encode(ref.normalizer.apply(x), y))
+    mu, logvar = ref.encode(ref.normalizer.apply(x), y)
     got = client.embed(name, x, labels_for(name, labels), posterior_samples=3, seed=7)
     np.testing.assert_allclose(got.mu, mu, atol=1e-5)
     np.testing.assert_allclose(got.logvar, logvar, atol=1e-5)
@@ -79,12 +73,12 @@ def test_reconstruct(client, references, rows, name):
     x, labels = rows
     ref = references[name]
     y = ref.one_hot(labels_for(name, labels))
-    mu, _ = asyncio.run(ref.encode(ref.normalizer.apply(x), y))
+    mu, _ = ref.encode(ref.normalizer.apply(x), y)
     expected = ref.decode_mean(mu, y)
     got = client.reconstruct(name, x, labels_for(name, labels))
     np.testing.assert_allclose(got.x, expected, atol=1e-4)
     np.testing.assert_allclose(got.mean_squared_error, np.mean((x - expected) ** 2, axis=1), rtol=1e-4)
-    params = run(ref.decoder, {"z": mu, "y": y})
+    params = ref.decode(mu, y)
     nll = -scoring.feature_log_likelihood(ref.normalizer.apply(x).astype(np.float64), params, ref.likelihood).sum(1)
     np.testing.assert_allclose(got.neg_log_likelihood, nll, rtol=1e-4)
 
@@ -98,10 +92,10 @@ def test_score(client, references, rows, name, with_labels):
     labels = labels if with_labels else None
     t = ref.manifest["thresholds"]
     prior = ref.manifest["labels"]["prior"] if name == "cvae" else None
-    expected = asyncio.run(scoring.score(
+    expected = scoring.score(
         ref.normalizer.apply(x), ref.encode, ref.decode, ref.likelihood, labels=ref.one_hot(labels),
         class_prior=prior, elbo_samples=t["elbo_samples"], iw_samples=16, seed=t["seed"],
-    ))  # fmt: skip
+    )  # fmt: skip
     got = client.score(name, x, labels, per_feature=True, iw_samples=16)
     np.testing.assert_allclose(got.neg_elbo, expected.neg_elbo, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.reconstruction, expected.reconstruction, rtol=1e-5, atol=1e-4)
@@ -137,7 +131,7 @@ def test_ppca_score_is_exact_log_likelihood(client, references, rows):
     ref = references["ppca"]
     latent = ref.manifest["model"]["latent_dim"]
     z = np.vstack([np.zeros((1, latent)), np.eye(latent)]).astype(np.float32)
-    out = run(ref.decoder, {"z": z})
+    out = ref.decode(z, None)
     m = out["x_mean"][0].astype(np.float64)
     w = (out["x_mean"][1:] - out["x_mean"][0]).astype(np.float64).T  # [features, latent]
     s2 = np.exp(out["x_logvar"][0].astype(np.float64))
@@ -167,8 +161,8 @@ def test_one_request_equals_64_concurrent(server, client, rows):
         parts = asyncio.run(each())
         for field in ("neg_elbo", "reconstruction", "kl", "neg_iw"):
             np.testing.assert_allclose(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field), rtol=1e-5, atol=1e-5)
-    # The 64 callers shared batches: some encoder batch held more than one row.
+    # The 64 callers shared batches: some Score batch held more than one row.
     metrics = server.metrics()
-    bucket = metrics[("vaeserve_batch_rows_bucket", (("graph", "encoder"), ("le", "1.0"), ("model", "vae")))]
-    count = metrics[("vaeserve_batch_rows_count", (("graph", "encoder"), ("model", "vae")))]
+    bucket = metrics[("vaeserve_batch_rows_bucket", (("graph", "score"), ("le", "1.0"), ("model", "vae")))]
+    count = metrics[("vaeserve_batch_rows_count", (("graph", "score"), ("model", "vae")))]
     assert bucket < count
