@@ -1,0 +1,326 @@
+"""DynamicBatcher on a real thread pool and a real event loop: batches form, every caller gets exactly
+one answer (its own rows, its batch's error, RequestExpired, QueueFull or ModelNotReady), and a full
+Score queue reaches a gRPC caller as RESOURCE_EXHAUSTED.
+
+The run function computes y = 2x + key. Column 0 of every request's x holds the request's id, so the
+run function records which requests each batch held, in order. To pin down what is queued when, a test
+keeps the batcher busy with a head batch of max_batch_size rows (which starts at once) held at a gate,
+and lets batches through one permit at a time; the tests rely on no particular queue-delay policy.
+"""
+
+import asyncio
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from vaeserve.errors import ModelNotReady, QueueFull
+from vaeserve.service.batching import BatcherConfig, DynamicBatcher, RequestExpired
+
+TIMEOUT = 5.0  # seconds; bounds every wait, so a broken batcher fails the test instead of hanging it
+LONG_DELAY = 10.0  # a max_queue_delay no test waits out
+_model_ids = itertools.count()
+
+
+def affine(feeds, key):
+    """What a batch computes: y = 2x + key (no key counts as 0)."""
+    return {"y": feeds["x"] * 2 + (key or 0)}
+
+
+class Recorder:
+    """A run function: `affine`, recording every batch as (key, request id of each row). With a gate,
+    each batch takes one permit before it computes; a batch holding the poison request raises."""
+
+    def __init__(self, gate: threading.Semaphore | None = None, poison: int | None = None):
+        self.gate, self.poison = gate, poison
+        self.entered = threading.Semaphore(0)  # one permit per batch that reached the run function
+        self.batches: list[tuple[object, list[int]]] = []
+
+    def __call__(self, feeds, key):
+        ids = feeds["x"][:, 0].astype(int).tolist()
+        self.batches.append((key, ids))
+        self.entered.release()
+        if self.gate is not None and not self.gate.acquire(timeout=TIMEOUT):
+            raise TimeoutError("the test never let this batch through")
+        if self.poison in ids:
+            raise ValueError(f"request {self.poison} is poison")
+        return affine(feeds, key)
+
+    async def computing(self) -> None:
+        """Wait until the next batch reaches the run function."""
+        assert await asyncio.to_thread(self.entered.acquire, timeout=TIMEOUT), "no batch reached the run function"
+
+
+def request(request_id: int, rows: int = 1) -> dict[str, np.ndarray]:
+    x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    x[:, 0] = request_id
+    return {"x": x}
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield pool
+
+
+@pytest.fixture
+def gate(executor):
+    """A shut gate (no permits), flung open at teardown before the executor joins its threads."""
+    permits = threading.Semaphore(0)
+    yield permits
+    permits.release(100)
+
+
+def make_batcher(run, executor, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int = 64):
+    config = BatcherConfig(max_batch_size, max_queue_delay, max_queue_size)
+    return DynamicBatcher(run, config, executor, model=f"batching-test-{next(_model_ids)}", graph="g")
+
+
+def pending(batcher: DynamicBatcher) -> float:
+    labels = {"model": batcher.model, "graph": batcher.graph}
+    return REGISTRY.get_sample_value("vaeserve_pending_requests", labels)
+
+
+async def until_pending(batcher: DynamicBatcher, count: int) -> None:
+    """Yield to the loop (no time passes) until `count` requests are queued or computing."""
+    for _ in range(1000):
+        if pending(batcher) == count:
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"{count} requests never showed as pending (saw {pending(batcher)})")
+
+
+def submit(batcher: DynamicBatcher, request_id: int, rows: int = 1, **options) -> asyncio.Future:
+    return asyncio.ensure_future(batcher.submit(request(request_id, rows), **options))
+
+
+def serve(scenario):
+    return asyncio.run(asyncio.wait_for(scenario, 2 * TIMEOUT))
+
+
+def assert_answered(result, request_id: int, rows: int = 1, key=None):
+    np.testing.assert_array_equal(result["y"], affine(request(request_id, rows), key)["y"])
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=0.01)
+    sizes = [1 + i % 4 for i in range(30)]
+    big = 12
+    sizes[big] = 20  # more than max_batch_size: runs alone, unsplit
+
+    async def scenario():
+        batcher.start()
+        return await asyncio.gather(*(batcher.submit(request(i, rows)) for i, rows in enumerate(sizes)))
+
+    results = serve(scenario())
+    for i, (rows, result) in enumerate(zip(sizes, results)):
+        assert_answered(result, i, rows)  # what the request computes alone
+    assert len(run.batches) < len(sizes)
+    assert max(len(set(ids)) for _, ids in run.batches) > 1
+    assert [ids for _, ids in run.batches if big in ids] == [[big] * 20]
+    assert all(len(ids) <= 8 for _, ids in run.batches if big not in ids)
+    # First in, first out: the batches, in the order they ran, hold every row in submission order.
+    assert [i for _, ids in run.batches for i in ids] == [i for i, rows in enumerate(sizes) for _ in range(rows)]
+    assert pending(batcher) == 0
+
+
+def test_requests_with_different_keys_never_share_a_batch(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.01)
+    keys = [0, 0, 0, 10, 10, 0, 20, 20, 20, 0]
+
+    async def scenario():
+        batcher.start()
+        return await asyncio.gather(*(batcher.submit(request(i), key=key) for i, key in enumerate(keys)))
+
+    results = serve(scenario())
+    for i, (key, result) in enumerate(zip(keys, results)):
+        assert_answered(result, i, key=key)
+    assert all(keys[i] == key for key, ids in run.batches for i in ids)
+    assert [i for _, ids in run.batches for i in ids] == list(range(len(keys)))
+    assert max(len(ids) for _, ids in run.batches) > 1
+
+
+def test_full_queue_answers_queue_full_at_once(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY, max_queue_size=2)
+
+    async def scenario():
+        batcher.start()
+        head = submit(batcher, 0, rows=2)
+        await run.computing()
+        queued = [submit(batcher, 1), submit(batcher, 2)]
+        await until_pending(batcher, 3)
+        # The gate is shut, so nothing can leave the queue: QueueFull cannot have waited for room.
+        with pytest.raises(QueueFull, match="queue is full"):
+            await batcher.submit(request(3))
+        assert not any(call.done() for call in [head, *queued])
+        gate.release(2)
+        return await asyncio.gather(head, *queued)
+
+    head, first, second = serve(scenario())
+    assert_answered(head, 0, rows=2)
+    assert_answered(first, 1)
+    assert_answered(second, 2)
+    assert run.batches == [(None, [0, 0]), (None, [1, 2])]
+
+
+def test_request_past_its_deadline_in_the_queue_expires_before_compute(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=1, max_queue_delay=LONG_DELAY)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        head = submit(batcher, 0)
+        await run.computing()
+        deadline = loop.time() + 0.02
+        expiring = submit(batcher, 1, deadline=deadline)
+        patient = submit(batcher, 2)
+        await asyncio.sleep(0.05)
+        assert loop.time() > deadline
+        gate.release(2)
+        return await asyncio.gather(head, expiring, patient, return_exceptions=True)
+
+    head, expired, patient = serve(scenario())
+    assert_answered(head, 0)
+    assert isinstance(expired, RequestExpired) and "deadline passed" in str(expired)
+    assert_answered(patient, 2)
+    assert run.batches == [(None, [0]), (None, [2])]
+
+
+def test_cancelled_caller_is_dropped_before_compute(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY)
+
+    async def scenario():
+        batcher.start()
+        head = submit(batcher, 0, rows=2)
+        await run.computing()
+        queued = [submit(batcher, i) for i in (1, 2, 3)]
+        await until_pending(batcher, 4)
+        queued[1].cancel()
+        gate.release(2)
+        answers = await asyncio.gather(head, queued[0], queued[2])
+        return queued[1], answers
+
+    cancelled, (head, first, last) = serve(scenario())
+    assert cancelled.cancelled()
+    assert_answered(head, 0, rows=2)
+    assert_answered(first, 1)
+    assert_answered(last, 3)
+    assert run.batches == [(None, [0, 0]), (None, [1, 3])]
+    assert pending(batcher) == 0
+
+
+def test_failing_batch_fails_only_its_own_callers(executor, gate):
+    run = Recorder(gate, poison=1)
+    batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY)
+
+    async def scenario():
+        batcher.start()
+        head = submit(batcher, 0, rows=2)
+        await run.computing()
+        queued = [submit(batcher, i) for i in (1, 2, 3, 4)]
+        await until_pending(batcher, 5)
+        gate.release(3)
+        return await asyncio.gather(head, *queued, return_exceptions=True)
+
+    head, poisoned, neighbour, after, last = serve(scenario())
+    assert_answered(head, 0, rows=2)
+    for failed in (poisoned, neighbour):
+        assert isinstance(failed, ValueError) and str(failed) == "request 1 is poison"
+    assert_answered(after, 3)
+    assert_answered(last, 4)
+    assert run.batches == [(None, [0, 0]), (None, [1, 2]), (None, [3, 4])]
+
+
+def test_close_answers_the_computing_batch_and_refuses_the_rest(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY)
+
+    async def scenario():
+        batcher.start()
+        head = submit(batcher, 0, rows=2)
+        await run.computing()
+        computing, queued = [submit(batcher, 1), submit(batcher, 2)], submit(batcher, 3)
+        await until_pending(batcher, 4)
+        gate.release()  # the head batch ends; requests 1 and 2 compute together, held at the gate
+        await run.computing()
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)  # close() has begun: it waits for the computing batch
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(request(4))
+        assert not closing.done()
+        gate.release()
+        await closing
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(request(5))
+        return await asyncio.gather(head, *computing, queued, return_exceptions=True)
+
+    head, first, second, queued = serve(scenario())
+    assert_answered(head, 0, rows=2)
+    assert_answered(first, 1)
+    assert_answered(second, 2)
+    assert isinstance(queued, ModelNotReady) and "stopped serving" in str(queued)
+    assert run.batches == [(None, [0, 0]), (None, [1, 2])]
+    assert pending(batcher) == 0
+
+
+def test_drain_runs_queued_requests_without_waiting_for_the_delay(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=LONG_DELAY)
+
+    async def scenario():
+        batcher.start()
+        # Two batches first, the second shared by two callers: after it, a batcher has every reason
+        # to wait for the next batch to fill.
+        head = submit(batcher, 0, rows=8)
+        await run.computing()
+        shared = [submit(batcher, 1, rows=4), submit(batcher, 2, rows=4)]
+        gate.release(2)
+        await asyncio.gather(head, *shared)
+        waiting = [submit(batcher, 3), submit(batcher, 4, rows=2)]
+        await until_pending(batcher, 2)
+        assert len(run.batches) == 2 and not any(call.done() for call in waiting)
+        batcher.drain()
+        gate.release()
+        return await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT)  # well short of the 10 s delay
+
+    first, second = serve(scenario())
+    assert_answered(first, 3)
+    assert_answered(second, 4, rows=2)
+    assert run.batches[2:] == [(None, [3, 4, 4])]
+
+
+def test_full_score_queue_is_resource_exhausted_over_grpc(model_repository, start_server):
+    from vaeserve.service.client import AsyncClient
+
+    calls = 8
+    # One queued Score request fills the queue; the long delay keeps it there while the rest arrive.
+    server = start_server(model_repository, max_queue_size=1, max_queue_delay_ms=1000, max_batch_size=4096)
+    try:
+        server.wait_serving()
+
+        async def scenario():
+            async with AsyncClient(server.target, timeout=20) as client:
+                x = np.ones((1, 64), np.float32)
+                return await asyncio.gather(*(client.score("vae", x + i) for i in range(calls)), return_exceptions=True)
+
+        results = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        server.stop()
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert len(refused) + len(answered) == calls
+    assert refused and answered
+    for err in refused:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "score queue is full" in err.details()
+    for result in answered:
+        assert len(result.neg_elbo) == 1 and np.isfinite(result.neg_elbo).all()
