@@ -6,11 +6,12 @@ batch of Score requests costs one trip off the event loop instead of one per gra
 
 Requests queue on the event loop; a batch closes when it holds `max_batch_size` rows or when its
 oldest request has waited `max_queue_delay` (one monotonic deadline per batch, counted from that
-request's arrival), runs in an executor thread so ONNX Runtime and NumPy never block the event loop,
-and its result is split back to the callers in order. One batch computes at a time per batcher;
-while it computes the next one fills, so batches grow with load even at zero delay. Requests carry
-a key (options that must agree within a batch, such as Score's K); a batch holds consecutive
-requests of one key.
+request's arrival). The wait only happens while callers have company: when the last batch held a
+single request, the next one starts at once, so a lone caller pays no queue delay. A batch runs
+in an executor thread so ONNX Runtime and NumPy never block the event loop, and its result is split
+back to the callers in order. One batch computes at a time per batcher; while it computes the next
+one fills, so batches grow with load even at zero delay. Requests carry a key (options that must
+agree within a batch, such as Score's K); a batch holds consecutive requests of one key.
 
 Every request gets exactly one answer: its rows, the batch's error (a failing batch fails only its
 own callers), RequestExpired when its deadline passed in the queue, or nothing when its caller
@@ -83,6 +84,7 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None  # starts the batch of the request at the queue's head
         self._computing: asyncio.Future | None = None  # done when the batch in the executor has been answered
         self._draining = False
+        self._company = False  # the last batch held more than one request: waiting for others pays
         self._pending = metrics.PENDING.labels(model, graph)
         self._queue_wait = metrics.QUEUE_WAIT.labels(model, graph)
         self._compute = metrics.COMPUTE.labels(model, graph)
@@ -107,6 +109,11 @@ class DynamicBatcher:
         self._schedule()
         try:
             return await request.future
+        except asyncio.CancelledError:
+            if request in self._queue:  # still waiting: leave no room taken for a caller that has gone
+                self._queue.remove(request)
+                self._queued_rows -= rows
+            raise
         finally:
             self._pending.dec()
 
@@ -133,7 +140,7 @@ class DynamicBatcher:
         """Start the next batch if it is due; otherwise make sure a timer will start it."""
         if self._computing is not None or not self._queue or self._loop is None:
             return
-        due = self._queue[0].enqueued + self.config.max_queue_delay
+        due = self._queue[0].enqueued + (self.config.max_queue_delay if self._company else 0.0)
         if self._queued_rows >= self.config.max_batch_size or self._draining or due <= self._loop.time():
             self._start_batch()
         elif self._timer is None:
@@ -150,36 +157,37 @@ class DynamicBatcher:
         batch = self._take(loop.time())
         if not batch:
             return self._schedule()
-        if len(batch) == 1:
-            feeds = batch[0].feeds
-        else:
-            feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
+        self._company = len(batch) > 1
         self._computing = loop.create_future()
         start = time.perf_counter()
         try:
+            if len(batch) == 1:
+                feeds = batch[0].feeds
+            else:
+                feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
             job = self._executor.submit(self._run_batch, feeds, batch[0].key)
-        except RuntimeError as err:  # the executor is shut down
+        except Exception as err:  # feeds that do not stack, or the executor shut down
             return self._finish(batch, start, None, err)
         job.add_done_callback(lambda job: loop.call_soon_threadsafe(self._finish, batch, start, job, None))
 
-    def _finish(self, batch: list[_Request], start: float, job: Future | None, err: BaseException | None) -> None:
+    def _finish(self, batch: list[_Request], start: float, job: Future | None, err: Exception | None) -> None:
+        """Give each caller its rows of the result, or the batch's error; then start the next batch."""
         rows = sum(r.rows for r in batch)
         try:
             if err is None:
                 result = job.result()
                 self._compute.observe(time.perf_counter() - start)
                 self._batch_rows.observe(rows)
-        except Exception as failure:  # the batch failed: only its callers hear of it
+                offset = 0
+                for r in batch:  # in order
+                    if not r.future.done():
+                        r.future.set_result(self._split(result, offset, offset + r.rows))
+                    offset += r.rows
+        except Exception as failure:
             err = failure
-            log.exception("%s %s batch of %d rows failed", self.model, self.graph, rows)
-        if err is not None:
+        if err is not None:  # only this batch's callers hear of it
+            log.error("%s %s batch of %d rows failed", self.model, self.graph, rows, exc_info=err)
             _fail(batch, err)
-        else:
-            offset = 0
-            for r in batch:  # each caller gets its own rows of the result, in order
-                if not r.future.done():
-                    r.future.set_result(self._split(result, offset, offset + r.rows))
-                offset += r.rows
         self._computing.set_result(None)
         self._computing = None
         self._schedule()

@@ -4,7 +4,6 @@ normaliser, and decoder means go back to raw units. Inputs are checked here and 
 InvalidInput naming the problem; nothing here knows about gRPC.
 """
 
-import dataclasses
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -171,16 +170,16 @@ class ServedModel:
         if threshold is not None and not np.isfinite(threshold):
             raise InvalidInput(f"threshold must be finite, got {threshold}")
 
-        feeds = {"x": self.normalizer.apply(x)} if y is None else {"x": self.normalizer.apply(x), "y": y}
+        feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch, off the loop
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
         threshold = self.threshold if threshold is None else float(threshold)
         return ScoreResult(scores, threshold, scores.neg_elbo > threshold)
 
     def _score_batch(self, feeds: dict, key: tuple) -> scoring.Scores:
-        """Score the normalised rows of a batch of requests that share their options; runs off the loop."""
+        """Score the raw rows of a batch of requests that share their options; runs off the loop."""
         _, iw_samples = key
         return scoring.score(
-            feeds["x"], self._encode, self._decode, self.likelihood,
+            self.normalizer.apply(feeds["x"]), self._encode, self._decode, self.likelihood,
             labels=feeds.get("y"), class_prior=self.class_prior if self.conditional else None,
             elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed,
         )  # fmt: skip
@@ -212,11 +211,11 @@ class ServedModel:
         return self.normalizer.invert(scoring.decoder_mean(params, self.likelihood))
 
 
-def _slice_scores(scores: scoring.Scores, start: int, stop: int) -> scoring.Scores:
-    return scoring.Scores(**{
-        f.name: None if (value := getattr(scores, f.name)) is None else value[start:stop]
-        for f in dataclasses.fields(scores)
-    })  # fmt: skip
+def _slice_scores(s: scoring.Scores, start: int, stop: int) -> scoring.Scores:
+    rows = slice(start, stop)
+    return scoring.Scores(
+        s.neg_elbo[rows], s.reconstruction[rows], s.kl[rows], None if s.neg_iw is None else s.neg_iw[rows], s.per_feature[rows]
+    )
 
 
 class ModelRegistry:

@@ -25,8 +25,10 @@ class Settings:
     metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 picks a free one, -1 disables", -1)
     workers: int = _setting(1, "server processes sharing the port through SO_REUSEPORT", 1)
     max_batch_size: int = _setting(256, "rows per graph run; a larger request runs alone, never split", 1)
-    max_queue_delay_ms: float = _setting(0.5, "longest a request waits for others to join its batch", 0.0)
-    max_queue_size: int = _setting(1024, "requests queued per graph before RESOURCE_EXHAUSTED", 1)
+    max_queue_delay_ms: float = _setting(
+        2.0, "longest a request waits for others to join its batch; no wait while batches hold one request", 0.0
+    )
+    max_queue_size: int = _setting(1024, "requests queued per batcher before RESOURCE_EXHAUSTED", 1)
     max_rows: int = _setting(4096, "rows one request may carry", 1)
     max_iw_samples: int = _setting(1024, "largest K a Score request may ask for", 0)
     max_posterior_samples: int = _setting(256, "largest number of posterior samples an Embed may ask for", 0)

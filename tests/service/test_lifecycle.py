@@ -8,14 +8,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-IN_FLIGHT = 24
+IN_FLIGHT = 8
 
 
 def test_health_and_sigterm_during_load(model_repository, start_server):
     from vaeserve.service.client import AsyncClient
 
-    # A long warm-up keeps the server NOT_SERVING for a while; a long queue delay keeps requests in flight.
-    server = start_server(model_repository, warmup_rows=300_000, max_queue_delay_ms=2000, max_batch_size=4096)
+    # A long warm-up keeps the server NOT_SERVING for a while. Requests of max_batch_size rows with a large
+    # K each run as a batch of their own, a fraction of a second each, so they queue behind one another.
+    server = start_server(model_repository, warmup_rows=300_000, max_batch_size=256)
     try:
         seen = server.wait_serving()
         assert NOT_SERVING in seen and seen[-1] == SERVING
@@ -27,8 +28,8 @@ def test_health_and_sigterm_during_load(model_repository, start_server):
                 channel = grpc.aio.insecure_channel(server.target)
                 watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
                 assert (await watch.read()).status == SERVING
-                x = np.ones((1, 64), np.float32)
-                calls = [asyncio.ensure_future(client.score("vae", x + i)) for i in range(IN_FLIGHT)]
+                x = np.ones((256, 64), np.float32)
+                calls = [asyncio.ensure_future(client.score("vae", x + i, iw_samples=256)) for i in range(IN_FLIGHT)]
                 # Wait (at most 20 s) until every request sits in the Score queue, then ask the server to stop.
                 key = ("vaeserve_pending_requests", (("graph", "score"), ("model", "vae")))
                 for _ in range(1000):
@@ -44,7 +45,7 @@ def test_health_and_sigterm_during_load(model_repository, start_server):
                 return await asyncio.gather(*calls)
 
         results = asyncio.run(scenario())
-        assert len(results) == IN_FLIGHT and all(len(r.neg_elbo) == 1 and np.isfinite(r.neg_elbo).all() for r in results)
+        assert len(results) == IN_FLIGHT and all(len(r.neg_elbo) == 256 and np.isfinite(r.neg_iw).all() for r in results)
         assert server.process.wait(30) == 0
     finally:
         server.stop()
