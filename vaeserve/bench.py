@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     serve.add_argument("--model", help="model to load (default: the first in the repository)")
     serve.add_argument("--seconds", type=float, default=2.0, help="measured seconds per point (default 2)")
     serve.add_argument("--callers", default="1,8,64", help="concurrent callers for single-row Score")
-    serve.add_argument("--max-queue-delay-ms", type=float, default=0.5, help="the server setting for batching on")
+    serve.add_argument("--max-queue-delay-ms", type=float, default=None,
+                       help="the server setting for batching on (default: the server's default)")
     serve.add_argument("--json", action="store_true", help="also print the results as JSON")
     serve.set_defaults(func=_bench_serve)
 
@@ -129,8 +130,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _load(call, callers: int, seconds: float, rows: int = 1) -> dict:
-    """`callers` loops calling `call()` back to back for `seconds` after a short warm-up."""
+CONNECTIONS = 4  # the load generator's gRPC connections, so --workers (SO_REUSEPORT) spreads load
+
+
+def _channels(target: str):
+    """CONNECTIONS channels that do not share a TCP connection (SO_REUSEPORT balances connections,
+    not requests; without a local subchannel pool grpc would reuse one connection for all)."""
+    import grpc
+
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", 1 << 28)]
+    return [grpc.aio.insecure_channel(target, options=options) for _ in range(CONNECTIONS)]
+
+
+async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
+    """`callers` loops calling one of `calls` (round robin) back to back for `seconds` after a short warm-up."""
     import asyncio
     import time
 
@@ -139,14 +152,14 @@ async def _load(call, callers: int, seconds: float, rows: int = 1) -> dict:
     latencies: list[float] = []
     state = {"measure": False, "stop": False}
 
-    async def caller():
+    async def caller(call):
         while not state["stop"]:
             start = time.perf_counter()
             await call()
             if state["measure"]:
                 latencies.append(time.perf_counter() - start)
 
-    tasks = [asyncio.ensure_future(caller()) for _ in range(callers)]
+    tasks = [asyncio.ensure_future(caller(calls[i % len(calls)])) for i in range(callers)]
     await asyncio.sleep(min(0.5, seconds / 4))
     state["measure"] = True
     start = time.perf_counter()
@@ -225,12 +238,15 @@ async def _run_all(args, version) -> dict:
     echo = multiprocessing.get_context("spawn").Process(target=_echo_main, args=(port,), daemon=True)
     echo.start()
     payload = single.SerializeToString()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    channels = _channels(f"127.0.0.1:{port}")
+    for channel in channels:
         await channel.channel_ready()
-        call = channel.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None)
-        print("echo server (grpc.aio, same payload)")
-        for n in callers:
-            report(f"echo {n} callers", await _load(lambda: call(payload), n, args.seconds))
+    echo_calls = [c.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None) for c in channels]
+    print(f"echo server (grpc.aio, same payload); {CONNECTIONS} connections")
+    for n in callers:
+        report(f"echo {n} callers", await _load([lambda call=call: call(payload) for call in echo_calls], n, args.seconds))
+    for channel in channels:
+        await channel.close()
     echo.terminate()
     echo.join()
 
@@ -241,17 +257,22 @@ async def _run_all(args, version) -> dict:
         try:
             await _wait_serving(target, process)
             print(label)
-            async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 28)]) as channel:
-                stub = pb_grpc.InferenceStub(channel)
-                for point, request, n, rows in plan:
-                    report(point, await _load(lambda: stub.Score(request), n, args.seconds, rows))
+            channels = _channels(target)
+            stubs = [pb_grpc.InferenceStub(c) for c in channels]
+            for point, request, n, rows in plan:
+                calls = [lambda stub=stub, request=request: stub.Score(request) for stub in stubs]
+                report(point, await _load(calls, n, args.seconds, rows))
+            for channel in channels:
+                await channel.close()
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
 
     only = {"warmup_rows": 64}
     # A separate repository view is not needed: every model loads, only `version.name` is called.
-    delay = args.max_queue_delay_ms
+    from vaeserve.service.settings import Settings
+
+    delay = Settings.max_queue_delay_ms if args.max_queue_delay_ms is None else args.max_queue_delay_ms
     await against(f"vaeserve, batching on (max_batch_size 256, max_queue_delay {delay:g} ms), 1 worker",
                   dict(only, max_batch_size=256, max_queue_delay_ms=delay),
                   [(f"score 1 row, {n} callers, batching on", single, n, 1) for n in callers]
