@@ -3,7 +3,8 @@
 Single-row Score at 1, 8 and 64 concurrent callers, batching on and off, beside a bare grpc.aio echo
 server carrying the same payload; 256-row Score at 8 callers beside raw ONNX Runtime in-process doing
 the same work (scoring.score on direct sessions); --workers 1 vs 2. Servers run as subprocesses of
-`vaeserve serve`; the load generator is one asyncio process on the same box, as for the echo server.
+`vaeserve serve`; the load generator is one asyncio process on the same box with CONNECTIONS gRPC
+connections, as for the echo server.
 Loops are bounded by --seconds per point.
 """
 
