@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,7 +66,8 @@ class DynamicBatcher:
     caller its rows of the result. `graph` names the batcher in metrics: encoder, decoder or score.
 
     Driven by callbacks on the event loop rather than a task of its own: a batch starts from `submit`
-    (when it is due), from a timer at its oldest request's deadline, or when the previous batch ends.
+    (when it is due), from a timer set for when its oldest request has waited max_queue_delay, or when
+    the previous batch ends.
     That keeps the loop's work per batch to one timer, one executor submit and one thread-safe
     callback, which matters when batches are a few rows and the loop also runs gRPC.
     """

@@ -9,6 +9,7 @@ Loops are bounded by --seconds per point.
 """
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -134,13 +135,21 @@ def _free_port() -> int:
 CONNECTIONS = 4  # the load generator's gRPC connections, so --workers (SO_REUSEPORT) spreads load
 
 
-def _channels(target: str):
-    """CONNECTIONS channels that do not share a TCP connection (SO_REUSEPORT balances connections,
+@contextlib.asynccontextmanager
+async def _channels(target: str):
+    """CONNECTIONS ready channels that do not share a TCP connection (SO_REUSEPORT balances connections,
     not requests; without a local subchannel pool grpc would reuse one connection for all)."""
     import grpc
 
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", 1 << 28)]
-    return [grpc.aio.insecure_channel(target, options=options) for _ in range(CONNECTIONS)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(CONNECTIONS)]
+    try:
+        for channel in channels:
+            await channel.channel_ready()
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
@@ -239,15 +248,11 @@ async def _run_all(args, version) -> dict:
     echo = multiprocessing.get_context("spawn").Process(target=_echo_main, args=(port,), daemon=True)
     echo.start()
     payload = single.SerializeToString()
-    channels = _channels(f"127.0.0.1:{port}")
-    for channel in channels:
-        await channel.channel_ready()
-    echo_calls = [c.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None) for c in channels]
-    print(f"echo server (grpc.aio, same payload); {CONNECTIONS} connections")
-    for n in callers:
-        report(f"echo {n} callers", await _load([lambda call=call: call(payload) for call in echo_calls], n, args.seconds))
-    for channel in channels:
-        await channel.close()
+    async with _channels(f"127.0.0.1:{port}") as channels:
+        echo_calls = [c.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None) for c in channels]
+        print(f"echo server (grpc.aio, same payload); {CONNECTIONS} connections")
+        for n in callers:
+            report(f"echo {n} callers", await _load([lambda call=call: call(payload) for call in echo_calls], n, args.seconds))
     echo.terminate()
     echo.join()
 
@@ -258,13 +263,11 @@ async def _run_all(args, version) -> dict:
         try:
             await _wait_serving(target, process)
             print(label)
-            channels = _channels(target)
-            stubs = [pb_grpc.InferenceStub(c) for c in channels]
-            for point, request, n, rows in plan:
-                calls = [lambda stub=stub, request=request: stub.Score(request) for stub in stubs]
-                report(point, await _load(calls, n, args.seconds, rows))
-            for channel in channels:
-                await channel.close()
+            async with _channels(target) as channels:
+                stubs = [pb_grpc.InferenceStub(c) for c in channels]
+                for point, request, n, rows in plan:
+                    calls = [lambda stub=stub, request=request: stub.Score(request) for stub in stubs]
+                    report(point, await _load(calls, n, args.seconds, rows))
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
