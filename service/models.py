@@ -57,8 +57,9 @@ class ServedModel:
         self.batchers = {
             "encoder": DynamicBatcher(lambda feeds, _: self.encoder.run(feeds), config, executor, model=self.name, graph="encoder"),
             "decoder": DynamicBatcher(lambda feeds, _: self.decoder.run(feeds), config, executor, model=self.name, graph="decoder"),
-            # Score runs encoder, sampling, decoder and likelihood as one batched unit: one executor trip per batch.
-            "score": DynamicBatcher(self._score_batch, config, executor, model=self.name, graph="score", split=_slice_scores),
+            # Score runs encoder, sampling, decoder and likelihood as one batched unit.
+            "score": DynamicBatcher(self._score_batch, config, executor, model=self.name, graph="score",
+                                    split=_slice_scores, work=self._score_work),  # fmt: skip
         }
         for graph_name, graph in (("encoder", self.encoder), ("decoder", self.decoder)):
             metrics.MODEL_INFO.labels(self.name, str(self.version), graph_name, graph.providers[0]).set(1)
@@ -170,13 +171,19 @@ class ServedModel:
         if threshold is not None and not np.isfinite(threshold):
             raise InvalidInput(f"threshold must be finite, got {threshold}")
 
-        feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch, off the loop
+        feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
         threshold = self.threshold if threshold is None else float(threshold)
         return ScoreResult(scores, threshold, scores.neg_elbo > threshold)
 
+    def _score_work(self, rows: int, key: tuple) -> int:
+        """Decoder rows a Score batch runs: every posterior sample, under every class when label-free."""
+        labelled, iw_samples = key
+        classes = len(self.label_names) if self.conditional and not labelled else 1
+        return rows * classes * (self.elbo_samples + iw_samples)
+
     def _score_batch(self, feeds: dict, key: tuple) -> scoring.Scores:
-        """Score the raw rows of a batch of requests that share their options; runs off the loop."""
+        """Score the raw rows of a batch of requests that share their options."""
         _, iw_samples = key
         return scoring.score(
             self.normalizer.apply(feeds["x"]), self._encode, self._decode, self.likelihood,

@@ -3,9 +3,11 @@ one answer (its own rows, its batch's error, RequestExpired, QueueFull or ModelN
 Score queue reaches a gRPC caller as RESOURCE_EXHAUSTED.
 
 The run function computes y = 2x + key. Column 0 of every request's x holds the request's id, so the
-run function records which requests each batch held, in order. To pin down what is queued when, a test
-keeps the batcher busy with a head batch of max_batch_size rows (which starts at once) held at a gate,
-and lets batches through one permit at a time; the tests rely on no particular queue-delay policy.
+run function records which requests each batch held, in order, and on which thread. Small batches run
+on the event loop and larger ones in the executor; both ways are tested. To pin down what is queued
+when, a test sends every batch to the executor, keeps the batcher busy with a head batch of
+max_batch_size rows (which starts at once) held at a gate, and lets batches through one permit at a
+time; the tests rely on no particular queue-delay policy.
 """
 
 import asyncio
@@ -19,7 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from vaeserve.errors import ModelNotReady, QueueFull
-from vaeserve.service.batching import BatcherConfig, DynamicBatcher, RequestExpired
+from vaeserve.service.batching import INLINE_WORK, BatcherConfig, DynamicBatcher, RequestExpired
 
 TIMEOUT = 5.0  # seconds; bounds every wait, so a broken batcher fails the test instead of hanging it
 LONG_DELAY = 10.0  # a max_queue_delay no test waits out
@@ -39,10 +41,12 @@ class Recorder:
         self.gate, self.poison = gate, poison
         self.entered = threading.Semaphore(0)  # one permit per batch that reached the run function
         self.batches: list[tuple[object, list[int]]] = []
+        self.threads: list[int] = []  # the thread each batch ran on
 
     def __call__(self, feeds, key):
         ids = feeds["x"][:, 0].astype(int).tolist()
         self.batches.append((key, ids))
+        self.threads.append(threading.get_ident())
         self.entered.release()
         if self.gate is not None and not self.gate.acquire(timeout=TIMEOUT):
             raise TimeoutError("the test never let this batch through")
@@ -75,9 +79,12 @@ def gate(executor):
     permits.release(100)
 
 
-def make_batcher(run, executor, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int = 64):
+def make_batcher(run, executor, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int = 64,
+                 inline_work: int = 0):  # fmt: skip
+    """A batcher whose batches all run in the executor, unless `inline_work` says otherwise."""
     config = BatcherConfig(max_batch_size, max_queue_delay, max_queue_size)
-    return DynamicBatcher(run, config, executor, model=f"batching-test-{next(_model_ids)}", graph="g")
+    return DynamicBatcher(run, config, executor, model=f"batching-test-{next(_model_ids)}", graph="g",
+                          inline_work=inline_work)  # fmt: skip
 
 
 def pending(batcher: DynamicBatcher) -> float:
@@ -106,9 +113,10 @@ def assert_answered(result, request_id: int, rows: int = 1, key=None):
     np.testing.assert_array_equal(result["y"], affine(request(request_id, rows), key)["y"])
 
 
-def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(executor):
+@pytest.mark.parametrize("inline_work", [0, INLINE_WORK], ids=["executor", "loop"])
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(executor, inline_work):
     run = Recorder()
-    batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=0.01)
+    batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=0.01, inline_work=inline_work)
     sizes = [1 + i % 4 for i in range(30)]
     big = 12
     sizes[big] = 20  # more than max_batch_size: runs alone, unsplit
@@ -127,11 +135,14 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(executor):
     # First in, first out: the batches, in the order they ran, hold every row in submission order.
     assert [i for _, ids in run.batches for i in ids] == [i for i, rows in enumerate(sizes) for _ in range(rows)]
     assert pending(batcher) == 0
+    on_loop = [thread == threading.get_ident() for thread in run.threads]  # serve() runs the loop here
+    assert on_loop == [inline_work > 0 and len(ids) <= inline_work for _, ids in run.batches]
 
 
-def test_requests_with_different_keys_never_share_a_batch(executor):
+@pytest.mark.parametrize("inline_work", [0, INLINE_WORK], ids=["executor", "loop"])
+def test_requests_with_different_keys_never_share_a_batch(executor, inline_work):
     run = Recorder()
-    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.01)
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.01, inline_work=inline_work)
     keys = [0, 0, 0, 10, 10, 0, 20, 20, 20, 0]
 
     async def scenario():
@@ -240,6 +251,25 @@ def test_failing_batch_fails_only_its_own_callers(executor, gate):
     assert run.batches == [(None, [0, 0]), (None, [1, 2]), (None, [3, 4])]
 
 
+def test_failing_batch_on_the_loop_fails_only_its_own_callers(executor):
+    run = Recorder(poison=1)
+    batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=0.01, inline_work=INLINE_WORK)
+
+    async def scenario():
+        batcher.start()
+        # Submitted in one turn of the loop, so they queue together: [0], then [1, 2] of another key.
+        calls = [submit(batcher, 0, key=0), submit(batcher, 1, key=1), submit(batcher, 2, key=1)]
+        return await asyncio.gather(*calls, submit(batcher, 3, key=0), return_exceptions=True)
+
+    first, poisoned, neighbour, last = serve(scenario())
+    assert_answered(first, 0, key=0)
+    for failed in (poisoned, neighbour):
+        assert isinstance(failed, ValueError) and str(failed) == "request 1 is poison"
+    assert_answered(last, 3, key=0)
+    assert run.batches == [(0, [0]), (1, [1, 2]), (0, [3])]
+    assert run.threads == [threading.get_ident()] * 3
+
+
 def test_close_answers_the_computing_batch_and_refuses_the_rest(executor, gate):
     run = Recorder(gate)
     batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY)
@@ -302,25 +332,32 @@ def test_full_score_queue_is_resource_exhausted_over_grpc(model_repository, star
     from vaeserve.service.client import AsyncClient
 
     calls = 8
-    # One queued Score request fills the queue; the long delay keeps it there while the rest arrive.
-    server = start_server(model_repository, max_queue_size=1, max_queue_delay_ms=1000, max_batch_size=4096)
+    # Two slow Score requests (256 rows with K=1024: a fraction of a second each, in the executor) fill
+    # the batcher: one computes, the other fills the queue of one. Calls sent meanwhile are refused.
+    server = start_server(model_repository, max_queue_size=1, max_batch_size=256)
+    key = ("vaeserve_pending_requests", (("graph", "score"), ("model", "vae")))
     try:
         server.wait_serving()
 
         async def scenario():
-            async with AsyncClient(server.target, timeout=20) as client:
-                x = np.ones((1, 64), np.float32)
-                return await asyncio.gather(*(client.score("vae", x + i) for i in range(calls)), return_exceptions=True)
+            async with AsyncClient(server.target, timeout=60) as client:
+                x = np.ones((256, 64), np.float32)
+                slow = [asyncio.ensure_future(client.score("vae", x + i, iw_samples=1024)) for i in range(2)]
+                for _ in range(1000):
+                    if (await asyncio.to_thread(server.metrics)).get(key, 0) == 2:
+                        break
+                    await asyncio.sleep(0.005)
+                else:
+                    pytest.fail("the slow requests never showed as pending")
+                refused = await asyncio.gather(*(client.score("vae", x[:1] + i) for i in range(calls)), return_exceptions=True)
+                return await asyncio.gather(*slow), refused
 
-        results = asyncio.run(asyncio.wait_for(scenario(), 30))
+        answered, refused = asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         server.stop()
-    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    answered = [r for r in results if not isinstance(r, BaseException)]
-    assert len(refused) + len(answered) == calls
-    assert refused and answered
+    assert len(refused) == calls
     for err in refused:
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "score queue is full" in err.details()
     for result in answered:
-        assert len(result.neg_elbo) == 1 and np.isfinite(result.neg_elbo).all()
+        assert len(result.neg_elbo) == 256 and np.isfinite(result.neg_iw).all()
