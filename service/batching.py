@@ -6,10 +6,12 @@ batch of Score requests costs one computation instead of one per graph.
 
 Requests queue on the event loop; a batch closes when it holds `max_batch_size` rows or when its
 oldest request has waited `max_queue_delay` (one monotonic deadline per batch, counted from that
-request's arrival). The wait only happens while callers have company: when the last batch held a
-single request, the next one starts on the loop's next turn, together with whatever arrived in the
-same turn, so a lone caller pays no queue delay. Requests carry a key (options that must agree within
-a batch, such as Score's K); a batch holds consecutive requests of one key.
+request's arrival). It closes sooner once it holds as many requests as the last batch did and a turn
+of the loop has passed without a new arrival: callers that call back to back come back together, and
+waiting longer would only delay the ones already queued. So a lone caller pays no queue delay, N
+callers in a loop get batches of N at once, and under a steady stream of arrivals batches wait out
+the delay and grow. Requests carry a key (options that must agree within a batch, such as Score's K);
+a batch holds consecutive requests of one key.
 
 Where a batch runs depends on its size. A small one (at most INLINE_WORK rows of work) runs on the
 event loop: handing it to a thread and back costs more than computing it, and its NumPy work holds
@@ -101,7 +103,8 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None  # starts the batch of the request at the queue's head
         self._computing: asyncio.Future | None = None  # done when the batch in the executor has been answered
         self._draining = False
-        self._company = False  # the last batch held more than one request: waiting for others pays
+        self._expected = 1  # requests the last batch held: as many are likely to come again
+        self._arrived = False  # a request arrived since the timer was set
         self._pending = metrics.PENDING.labels(model, graph)
         self._queue_wait = metrics.QUEUE_WAIT.labels(model, graph)
         self._compute = metrics.COMPUTE.labels(model, graph)
@@ -123,6 +126,7 @@ class DynamicBatcher:
         self._queue.append(request)
         self._queued_rows += rows
         self._pending.inc()
+        self._arrived = True
         self._schedule()
         try:
             return await request.future
@@ -155,10 +159,11 @@ class DynamicBatcher:
 
     def _schedule(self) -> None:
         """Make sure the timer will start the next batch when it is due: on the loop's next turn when it
-        is full, draining or alone, else when its oldest request has waited max_queue_delay."""
+        is full, draining or holds as many requests as the last batch, else when its oldest request has
+        waited max_queue_delay."""
         if self._computing is not None or not self._queue or self._loop is None:
             return
-        if self._queued_rows >= self.config.max_batch_size or self._draining or not self._company:
+        if self._queued_rows >= self.config.max_batch_size or self._draining or len(self._queue) >= self._expected:
             due = self._loop.time()
         else:
             due = self._queue[0].enqueued + self.config.max_queue_delay
@@ -166,18 +171,26 @@ class DynamicBatcher:
             if self._timer.when() <= due:
                 return
             self._timer.cancel()
+        self._arrived = False
         self._timer = self._loop.call_at(due, self._start_batch)
 
     def _start_batch(self) -> None:
-        """Take the next batch and compute it: here when it is small, else in the executor."""
+        """Take the next batch and compute it: here when it is small, else in the executor. Before its
+        delay is up, a batch that is not full waits one more turn while requests are still arriving."""
         self._timer = None
         if self._computing is not None or self._loop is None:
             return
         loop = self._loop
-        batch = self._take(loop.time())
+        now = loop.time()
+        if (self._arrived and self._queue and self._queued_rows < self.config.max_batch_size and not self._draining
+                and now < self._queue[0].enqueued + self.config.max_queue_delay):
+            self._arrived = False  # requests are still arriving: give the next one a turn to join
+            self._timer = loop.call_at(now, self._start_batch)
+            return
+        batch = self._take(now)
         if not batch:
             return self._schedule()
-        self._company = len(batch) > 1
+        self._expected = len(batch)
         rows, key = sum(r.rows for r in batch), batch[0].key
         start = time.perf_counter()
         try:

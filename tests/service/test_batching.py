@@ -308,24 +308,67 @@ def test_drain_runs_queued_requests_without_waiting_for_the_delay(executor, gate
 
     async def scenario():
         batcher.start()
-        # Two batches first, the second shared by two callers: after it, a batcher has every reason
-        # to wait for the next batch to fill.
+        # Two batches first, the second shared by three callers: after it, two queued requests wait
+        # for a third or for the delay.
         head = submit(batcher, 0, rows=8)
         await run.computing()
-        shared = [submit(batcher, 1, rows=4), submit(batcher, 2, rows=4)]
+        shared = [submit(batcher, 1, rows=2), submit(batcher, 2, rows=3), submit(batcher, 3, rows=3)]
         gate.release(2)
         await asyncio.gather(head, *shared)
-        waiting = [submit(batcher, 3), submit(batcher, 4, rows=2)]
+        waiting = [submit(batcher, 4), submit(batcher, 5, rows=2)]
         await until_pending(batcher, 2)
+        for _ in range(10):
+            await asyncio.sleep(0)
         assert len(run.batches) == 2 and not any(call.done() for call in waiting)
         batcher.drain()
         gate.release()
         return await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT)  # well short of the 10 s delay
 
     first, second = serve(scenario())
-    assert_answered(first, 3)
-    assert_answered(second, 4, rows=2)
-    assert run.batches[2:] == [(None, [3, 4, 4])]
+    assert_answered(first, 4)
+    assert_answered(second, 5, rows=2)
+    assert run.batches[1:] == [(None, [1, 1, 2, 2, 2, 3, 3, 3]), (None, [4, 5, 5])]
+
+
+def test_as_many_requests_as_the_last_batch_start_without_the_delay(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, inline_work=INLINE_WORK)
+
+    async def scenario():
+        batcher.start()
+        # Each round is submitted in one turn of the loop, as callers in a loop come back together.
+        for ids in ([0], [1, 2, 3], [4, 5, 6]):  # alone; then three that arrive together; then three again
+            results = await asyncio.wait_for(asyncio.gather(*(submit(batcher, i) for i in ids)), TIMEOUT)
+            for i, result in zip(ids, results):
+                assert_answered(result, i)
+        fewer = [submit(batcher, 7), submit(batcher, 8)]  # two where three came before: they wait
+        await until_pending(batcher, 2)
+        await asyncio.sleep(0.05)
+        assert not any(call.done() for call in fewer)
+        batcher.drain()
+        return await asyncio.wait_for(asyncio.gather(*fewer), TIMEOUT)
+
+    seventh, eighth = serve(scenario())
+    assert_answered(seventh, 7)
+    assert_answered(eighth, 8)
+    assert run.batches == [(None, [0]), (None, [1, 2, 3]), (None, [4, 5, 6]), (None, [7, 8])]
+
+
+def test_a_batch_waits_a_turn_while_requests_keep_arriving(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, inline_work=INLINE_WORK)
+
+    async def scenario():
+        batcher.start()
+        calls = []
+        for i in range(3):  # one arrival per turn of the loop, each ahead of that turn's batch timer
+            calls.append(submit(batcher, i))
+            await asyncio.sleep(0)
+        return await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)
+
+    for i, result in enumerate(serve(scenario())):
+        assert_answered(result, i)
+    assert run.batches == [(None, [0, 1, 2])]
 
 
 def test_full_score_queue_is_resource_exhausted_over_grpc(model_repository, start_server):
