@@ -6,11 +6,11 @@ batch of Score requests costs one computation instead of one per graph.
 
 Requests queue on the event loop; a batch closes when it holds `max_batch_size` rows or when its
 oldest request has waited `max_queue_delay` (one monotonic deadline per batch, counted from that
-request's arrival). It closes sooner once it holds as many requests as the last batch did and a turn
-of the loop has passed without a new arrival: callers that call back to back come back together, and
-waiting longer would only delay the ones already queued. So a lone caller pays no queue delay, N
-callers in a loop get batches of N at once, and under a steady stream of arrivals batches wait out
-the delay and grow. Requests carry a key (options that must agree within a batch, such as Score's K);
+request's arrival). It closes sooner once it holds as many requests as recent batches did (the last
+batch's count, or one less than the target before it, whichever is larger) and a turn of the loop has
+passed without a new arrival: callers that call back to back come back together, and waiting longer
+would only delay the ones already queued. So a lone caller pays no queue delay, N callers in a loop
+get batches of N at once, and under a steady stream of arrivals batches wait out the delay and grow. Requests carry a key (options that must agree within a batch, such as Score's K);
 a batch holds consecutive requests of one key.
 
 Where a batch runs depends on its size. A small one (at most INLINE_WORK rows of work) runs on the
@@ -103,7 +103,7 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None  # starts the batch of the request at the queue's head
         self._computing: asyncio.Future | None = None  # done when the batch in the executor has been answered
         self._draining = False
-        self._expected = 1  # requests the last batch held: as many are likely to come again
+        self._expected = 1  # requests recent batches held, forgetting one per batch: as many are likely to come again
         self._arrived = False  # a request arrived since the timer was set
         self._pending = metrics.PENDING.labels(model, graph)
         self._queue_wait = metrics.QUEUE_WAIT.labels(model, graph)
@@ -159,7 +159,7 @@ class DynamicBatcher:
 
     def _schedule(self) -> None:
         """Make sure the timer will start the next batch when it is due: on the loop's next turn when it
-        is full, draining or holds as many requests as the last batch, else when its oldest request has
+        is full, draining or holds as many requests as recent batches, else when its oldest request has
         waited max_queue_delay."""
         if self._computing is not None or not self._queue or self._loop is None:
             return
@@ -190,7 +190,7 @@ class DynamicBatcher:
         batch = self._take(now)
         if not batch:
             return self._schedule()
-        self._expected = len(batch)
+        self._expected = max(len(batch), self._expected - 1)
         rows, key = sum(r.rows for r in batch), batch[0].key
         start = time.perf_counter()
         try:

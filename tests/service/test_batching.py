@@ -330,28 +330,25 @@ def test_drain_runs_queued_requests_without_waiting_for_the_delay(executor, gate
     assert run.batches[1:] == [(None, [1, 1, 2, 2, 2, 3, 3, 3]), (None, [4, 5, 5])]
 
 
-def test_as_many_requests_as_the_last_batch_start_without_the_delay(executor):
+def test_as_many_requests_as_recent_batches_start_without_the_delay(executor):
     run = Recorder()
-    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, inline_work=INLINE_WORK)
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.2, inline_work=INLINE_WORK)
+    # (request ids submitted in one turn of the loop, as callers in a loop come back together; whether
+    # they wait for the delay). The target is the last batch's count, or one less than the target before.
+    rounds = [([0], False), ([1, 2, 3], False), ([4, 5, 6], False), ([7], True), ([8], True), ([9], False)]
 
     async def scenario():
         batcher.start()
-        # Each round is submitted in one turn of the loop, as callers in a loop come back together.
-        for ids in ([0], [1, 2, 3], [4, 5, 6]):  # alone; then three that arrive together; then three again
-            results = await asyncio.wait_for(asyncio.gather(*(submit(batcher, i) for i in ids)), TIMEOUT)
-            for i, result in zip(ids, results):
+        for ids, waits in rounds:
+            calls = [submit(batcher, i) for i in ids]
+            for _ in range(10):  # a few turns of the loop: enough to start and run a batch, far short of 0.2 s
+                await asyncio.sleep(0)
+            assert [call.done() for call in calls] == [not waits] * len(ids), f"round {ids}"
+            for i, result in zip(ids, await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)):
                 assert_answered(result, i)
-        fewer = [submit(batcher, 7), submit(batcher, 8)]  # two where three came before: they wait
-        await until_pending(batcher, 2)
-        await asyncio.sleep(0.05)
-        assert not any(call.done() for call in fewer)
-        batcher.drain()
-        return await asyncio.wait_for(asyncio.gather(*fewer), TIMEOUT)
 
-    seventh, eighth = serve(scenario())
-    assert_answered(seventh, 7)
-    assert_answered(eighth, 8)
-    assert run.batches == [(None, [0]), (None, [1, 2, 3]), (None, [4, 5, 6]), (None, [7, 8])]
+    serve(scenario())
+    assert run.batches == [(None, ids) for ids, _ in rounds]
 
 
 def test_a_batch_waits_a_turn_while_requests_keep_arriving(executor):
