@@ -24,6 +24,17 @@ def test_closed_form_kl_matches_monte_carlo():
     assert closed.min() > 0.1  # the rows are far enough from the prior for the test to mean something
 
 
+def test_bernoulli_log_likelihood_is_minus_torch_bce_even_for_extreme_logits():
+    logits = np.array([[-800.0, -40.0, -1.5, 0.0, 1e-9, 2.0, 40.0, 800.0]])
+    x = np.array([[0.0, 1.0, 0.3, 1.0, 0.0, 1.0, 0.0, 1.0]])
+    ours = scoring.feature_log_likelihood(x, {"x_logits": logits}, "bernoulli")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(logits), torch.from_numpy(x), reduction="none"
+    ).numpy()
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, -bce, rtol=1e-12, atol=1e-12)
+
+
 def test_training_loss_kl_is_the_closed_form():
     torch.manual_seed(0)
     model = build_model(ModelConfig(input_dim=6, latent_dim=3, hidden=(8,), likelihood="gaussian"))
