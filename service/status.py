@@ -41,6 +41,9 @@ def rpc(method):
     names sent by callers cannot grow the label set.
     """
     name = method.__name__
+    # Label children looked up once per label set (a handful: served models, "", status codes).
+    requests = functools.cache(lambda model, code: metrics.REQUESTS.labels(name, model, code))
+    latency = functools.cache(lambda model: metrics.REQUEST_LATENCY.labels(name, model))
 
     @functools.wraps(method)
     async def handler(self, request, context):
@@ -65,7 +68,7 @@ def rpc(method):
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, INTERNAL_MESSAGE)
         finally:
-            metrics.REQUESTS.labels(name, model, code.name).inc()
-            metrics.REQUEST_LATENCY.labels(name, model).observe(time.perf_counter() - start)
+            requests(model, code.name).inc()
+            latency(model).observe(time.perf_counter() - start)
 
     return handler
