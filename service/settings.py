@@ -26,14 +26,14 @@ class Settings:
     workers: int = _setting(1, "server processes sharing the port through SO_REUSEPORT", 1)
     max_batch_size: int = _setting(256, "rows per graph run; a larger request runs alone, never split", 1)
     max_queue_delay_ms: float = _setting(
-        2.0, "longest a request waits for others to join its batch; no wait while batches hold one request", 0.0
+        2.0, "longest a request waits for others to join its batch; a batch as large as recent ones starts at once", 0.0
     )
     max_queue_size: int = _setting(1024, "requests queued per batcher before RESOURCE_EXHAUSTED", 1)
     max_rows: int = _setting(4096, "rows one request may carry", 1)
     max_iw_samples: int = _setting(1024, "largest K a Score request may ask for", 0)
     max_posterior_samples: int = _setting(256, "largest number of posterior samples an Embed may ask for", 0)
     intra_op_threads: int = _setting(1, "ONNX Runtime intra-op threads per session (non-spinning)", 1)
-    compute_threads: int = _setting(0, "threads running graphs off the event loop; 0 = one per CPU core", 0)
+    compute_threads: int = _setting(0, "threads running large batches off the event loop; 0 = one per CPU core", 0)
     drain_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish", 0.0)
     warmup_rows: int = _setting(8, "rows of zeros run through every graph before reporting SERVING", 0)
 
