@@ -7,7 +7,8 @@ run function records which requests each batch held, in order, and on which thre
 on the event loop and larger ones in the executor; both ways are tested. To pin down what is queued
 when, a test sends every batch to the executor, keeps the batcher busy with a head batch of
 max_batch_size rows (which starts at once) held at a gate, and lets batches through one permit at a
-time; the tests rely on no particular queue-delay policy.
+time; those tests rely on no particular queue-delay policy. Two tests pin down the policy itself: when
+a batch starts before its delay is up.
 """
 
 import asyncio
