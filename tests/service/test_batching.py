@@ -271,6 +271,22 @@ def test_failing_batch_on_the_loop_fails_only_its_own_callers(executor):
     assert run.threads == [threading.get_ident()] * 3
 
 
+def test_a_batch_the_executor_refuses_fails_its_callers_and_the_batcher_goes_on():
+    pool = ThreadPoolExecutor(max_workers=1)
+    pool.shutdown()
+    batcher = make_batcher(Recorder(), pool, max_batch_size=8, max_queue_delay=0.01)
+
+    async def scenario():
+        batcher.start()
+        answers = [await asyncio.wait_for(asyncio.gather(submit(batcher, i), return_exceptions=True), TIMEOUT)
+                   for i in range(2)]  # fmt: skip
+        await asyncio.wait_for(batcher.close(), TIMEOUT)
+        return [answer for (answer,) in answers]
+
+    for answer in serve(scenario()):
+        assert isinstance(answer, RuntimeError) and "shutdown" in str(answer)
+
+
 def test_close_answers_the_computing_batch_and_refuses_the_rest(executor, gate):
     run = Recorder(gate)
     batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY)
@@ -350,6 +366,39 @@ def test_as_many_requests_as_recent_batches_start_without_the_delay(executor):
 
     serve(scenario())
     assert run.batches == [(None, ids) for ids, _ in rounds]
+
+
+def test_after_an_idle_spell_longer_than_the_delay_a_lone_request_starts_at_once(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.2, inline_work=INLINE_WORK)
+
+    async def scenario():
+        batcher.start()
+        await asyncio.gather(*(submit(batcher, i) for i in range(3)))  # recent batches held three
+        await asyncio.sleep(0.3)
+        lone = submit(batcher, 3)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert lone.done()
+        return lone.result()
+
+    assert_answered(serve(scenario()), 3)
+    assert run.batches == [(None, [0, 1, 2]), (None, [3])]
+
+
+def test_requests_that_join_a_starting_batch_are_not_refused(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=LONG_DELAY, max_queue_size=1,
+                           inline_work=INLINE_WORK)  # fmt: skip
+
+    async def scenario():
+        batcher.start()
+        # Idle batcher: the first request's batch starts on the next turn; the others of this turn join it.
+        return await asyncio.wait_for(asyncio.gather(*(submit(batcher, i) for i in range(3))), TIMEOUT)
+
+    for i, result in enumerate(serve(scenario())):
+        assert_answered(result, i)
+    assert run.batches == [(None, [0, 1, 2])]
 
 
 def test_a_batch_waits_a_turn_while_requests_keep_arriving(executor):
