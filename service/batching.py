@@ -13,8 +13,9 @@ would only delay the ones already queued. So a lone caller pays no queue delay, 
 get batches of N at once, and under a steady stream of arrivals batches wait out the delay and grow.
 After a batcher has been idle for longer than the delay the target is back to one. (A caller left
 calling back to back after a burst of N waits out the delay on up to N-1 requests while the target
-comes down; remembering recent sizes is worth 4% of throughput at 64 callers.) Requests carry a key (options that must agree within a batch, such as Score's K);
-a batch holds consecutive requests of one key.
+comes down; remembering recent sizes is worth 4% of throughput at 64 callers.) Requests carry a key
+(options that must agree within a batch, such as Score's K); a batch holds consecutive requests of
+one key.
 
 Where a batch runs depends on its size. A small one (at most INLINE_WORK rows of work) runs on the
 event loop: handing it to a thread and back costs more than computing it, and its NumPy work holds

@@ -284,8 +284,8 @@ async def _run_all(args, version) -> dict:
                             report(f"echo {n} callers", _median_round([e for e, _ in pairs]))
                             report(point, _median_round([r for _, r in pairs]))
                             ratios = sorted(r["req_s"] / e["req_s"] for e, r in pairs)
-                            results[f"ratio to echo, {n} callers"] = ratios[len(ratios) // 2]
-                            print(f"  {'':<44} to echo: {ratios[len(ratios) // 2]:.2f} (rounds: "
+                            ratio = results[f"ratio to echo, {n} callers"] = ratios[len(ratios) // 2]
+                            print(f"  {'':<44} to echo: {ratio:.2f} (rounds: "
                                   f"{', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
                 finally:
                     process.send_signal(signal.SIGTERM)
