@@ -263,9 +263,9 @@ async def _run_all(args, version) -> dict:
             echo_calls = [c.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None) for c in channels]
             echo_calls = [lambda call=call: call(payload) for call in echo_calls]
 
-            async def against(label, settings, plan, rounds=1):
-                """Load a server started with `settings` with each point of `plan`; single-row points take
-                `rounds` rounds, each after a round on the echo server with the same callers."""
+            async def against(label, settings, plan, paired=False):
+                """Load a server started with `settings` with each point of `plan`; when `paired`, single-row
+                points take --rounds rounds, each after a round on the echo server with the same callers."""
                 port, metrics_port = _free_port(), _free_port()
                 process = _start(args.repository, port, metrics_port, **settings)
                 target = f"127.0.0.1:{port}"
@@ -276,11 +276,11 @@ async def _run_all(args, version) -> dict:
                         stubs = [pb_grpc.InferenceStub(c) for c in score_channels]
                         for point, request, n, rows in plan:
                             calls = [lambda stub=stub, request=request: stub.Score(request) for stub in stubs]
-                            if rows > 1 or rounds == 1:
+                            if rows > 1 or not paired:
                                 report(point, await _load(calls, n, args.seconds, rows))
                                 continue
                             pairs = [(await _load(echo_calls, n, args.seconds), await _load(calls, n, args.seconds))
-                                     for _ in range(rounds)]  # fmt: skip
+                                     for _ in range(args.rounds)]  # fmt: skip
                             report(f"echo {n} callers", _median_round([e for e, _ in pairs]))
                             report(point, _median_round([r for _, r in pairs]))
                             ratios = sorted(r["req_s"] / e["req_s"] for e, r in pairs)
@@ -299,7 +299,7 @@ async def _run_all(args, version) -> dict:
                           f"single-row points alternate with echo, median of {args.rounds} rounds",
                           dict(only, max_batch_size=256, max_queue_delay_ms=delay),
                           [(f"score 1 row, {n} callers, batching on", single, n, 1) for n in callers]
-                          + [("score 256 rows, 8 callers, batching on", bulk, 8, 256)], rounds=args.rounds)  # fmt: skip
+                          + [("score 256 rows, 8 callers, batching on", bulk, 8, 256)], paired=True)  # fmt: skip
             await against("vaeserve, batching off (max_batch_size 1: every request runs alone), 1 worker",
                           dict(only, max_batch_size=1, max_queue_delay_ms=0),
                           [(f"score 1 row, {n} callers, batching off", single, n, 1) for n in callers])  # fmt: skip
