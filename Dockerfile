@@ -20,6 +20,7 @@ COPY vaeserve/ vaeserve/
 COPY training/ training/
 COPY export/ export/
 COPY service/ service/
+COPY benchmarks/ benchmarks/
 RUN python3 -m venv /opt/vaeserve \
     && /opt/vaeserve/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir \
        -c constraints.txt . \

@@ -1,19 +1,18 @@
-"""Fashion-MNIST benchmark (not CI): convolutional VAE, Bernoulli likelihood on [0, 1] intensities.
+"""`vaeserve bench fashion-mnist` (not CI): convolutional VAE, Bernoulli likelihood on [0, 1] intensities.
 
 Trains with the product's own training run (`vaeserve.training.train`) on the 60000 training images
 (a validation share held out for early stopping), then reports on the t10k test images:
 the test -ELBO (8 posterior samples), the K-sample importance-weighted bound (K = 1000 by default),
 and seconds per training epoch. Values are nats per image, on intensities scaled to [0, 1].
 
-    .venv/bin/python benchmarks/fashion_mnist.py --epochs 3 --iw-rows 500 --out runs/fashion-mnist
+    vaeserve bench fashion-mnist --epochs 3 --iw-rows 500 --out runs/fashion-mnist
 
 --iw-rows bounds how many test images get the K = 1000 bound (each costs K decoder passes); the
 ELBO is always over all 10000.
 """
 
-import argparse
-import logging
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -26,25 +25,29 @@ DATA_CANDIDATES = [
 
 
 def find_data(explicit: str | None) -> Path:
+    from vaeserve.errors import DataError
+
     for path in [Path(explicit)] if explicit else DATA_CANDIDATES:
         if (path / "train-images-idx3-ubyte.gz").is_file():
             return path.resolve()
-    raise SystemExit("fashion-mnist not found: pass --data DIR holding train-images-idx3-ubyte.gz")
+    raise DataError("fashion-mnist not found: pass --data DIR holding train-images-idx3-ubyte.gz")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default ../shared/datasets/fashion-mnist)")
-    parser.add_argument("--out", default="runs/fashion-mnist", help="checkpoint directory")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--k", type=int, default=1000, help="importance samples per test image")
-    parser.add_argument("--iw-rows", type=int, default=500, help="test images given the K-sample bound (10000 = all)")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the run's epoch lines
+def register(commands) -> None:
+    p = commands.add_parser("fashion-mnist", help="conv VAE on Fashion-MNIST: test -ELBO and K-sample bound (minutes)",
+                            description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default ../shared/datasets/fashion-mnist)")
+    p.add_argument("--out", default="runs/fashion-mnist", help="checkpoint directory")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--k", type=int, default=1000, help="importance samples per test image")
+    p.add_argument("--iw-rows", type=int, default=500, help="test images given the K-sample bound (10000 = all)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
 
+
+def run(args) -> int:
     import torch
 
     from vaeserve.training.data import load_dataset
@@ -108,7 +111,4 @@ def main() -> None:
     }
     (Path(args.out) / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or Path(args.checkpoint).resolve().name
     version = export_checkpoint(args.checkpoint, args.repository, name, args.version,
                                 tolerance=args.tolerance, exporter=args.exporter)
-    worst = max(version.manifest["parity"]["max_abs_diff"].values())
-    thresholds = version.manifest["thresholds"]
+    worst = max(version.manifest.parity.max_abs_diff.values())
+    thresholds = version.manifest.thresholds
     print(f"exported {version.path} (parity max abs diff {worst:.2g}, "
-          f"default threshold {thresholds['score']} > {thresholds['default']:.2f})")
+          f"default threshold {thresholds.score} > {thresholds.default:.2f})")
     return 0

@@ -19,13 +19,16 @@ import onnxruntime
 import torch
 
 import vaeserve
+from vaeserve import scoring
+from vaeserve.artifact.manifest import (
+    NAME_PATTERN, GraphInfo, InputInfo, Manifest, ModelInfo, Parity, ScoringInfo, file_sha256, write_manifest,
+)  # fmt: skip
+from vaeserve.artifact.repository import ModelVersion, load_version, next_version
+from vaeserve.artifact.runtime import Graph, scorer
 from vaeserve.errors import ArtifactError, ConfigError, ExportError
 from vaeserve.export.calibrate import calibrate
 from vaeserve.export.graphs import OPSET, describe, export_graph
-from vaeserve.export.manifest import SCHEMA_VERSION, file_sha256, write_manifest
-from vaeserve.export.repository import NAME_PATTERN, ModelVersion, load_version, next_version
 from vaeserve.export.validate import BATCH_SIZES, TOLERANCE, check_parity, max_abs_diff, parity_batches
-from vaeserve.service.runtime import Graph
 from vaeserve.training.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,7 @@ def export_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
-        manifest = _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter))
         try:
             os.rename(tmp, final)  # fails when another export took this number meanwhile
         except OSError as err:
@@ -70,66 +72,56 @@ def export_checkpoint(
     return load_version(final)
 
 
-def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, batch_sizes, exporter) -> dict:
+def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, batch_sizes, exporter) -> Manifest:
     config, data, model = ckpt.model_config, ckpt.data, ckpt.model
     model.eval()
-    x, labels, class_prior = _validation_rows(ckpt)
+    if data.support is None:
+        raise ArtifactError(f"{ckpt.path}: config.json records no data support (trained by an older vaeserve); "
+                            "train it again to export it")  # fmt: skip
+    raw, labels, class_prior = _validation_rows(ckpt)
 
     specs = describe(config)
     modules = {"encoder": model.encoder, "decoder": model.decoder}
+    graphs, entries = {}, {}
+    onnxruntime.set_default_logger_severity(3)  # the CUDA provider failing to load on a GPU-less box is expected
     for spec in specs:
         export_graph(modules[spec.name], spec, folder / spec.file, exporter)
-    onnxruntime.set_default_logger_severity(3)  # the CUDA provider failing to load on a GPU-less box is expected
-    graphs = {spec.name: Graph(folder / spec.file) for spec in specs}
+        entries[spec.name] = GraphInfo(spec.file, file_sha256(folder / spec.file), spec.inputs, spec.outputs)
+        graphs[spec.name] = Graph(folder / spec.file, entries[spec.name])
 
-    batches = parity_batches(x, labels, model.encoder, batch_sizes)
+    batches = parity_batches(data.normalization.apply(raw), labels, model.encoder, batch_sizes)
     diffs = {}
     for i, spec in enumerate(specs):
         diffs |= max_abs_diff(modules[spec.name], graphs[spec.name], spec, [b[i] for b in batches])
     check_parity(diffs, tolerance)
 
-    thresholds = calibrate(x, graphs["encoder"], graphs["decoder"], config.likelihood,
-                           class_prior if config.conditional else None)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "version": version,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"kind": config.kind, "arch": config.arch, "latent_dim": config.latent_dim, "likelihood": config.likelihood},
-        "input": {
-            "features": config.input_dim,
-            "dtype": "float32",
-            "shape": [-1, config.input_dim],
-            "image_shape": list(data.image_shape) if data.image_shape else None,
-            "feature_names": list(data.feature_names),
-        },
-        "labels": {"names": list(data.label_names), "prior": class_prior} if config.conditional else None,
-        "normalization": data.normalization.to_dict(),
-        "graphs": {
-            spec.name: {
-                "file": spec.file,
-                "sha256": file_sha256(folder / spec.file),
-                "inputs": [t.to_dict() for t in spec.inputs],
-                "outputs": [t.to_dict() for t in spec.outputs],
-            }
-            for spec in specs
-        },
-        "opset": OPSET,
-        "exporter": exporter,
-        "producer": {
-            "vaeserve": vaeserve.__version__,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-        },
-        "parity": {"batch_sizes": list(batch_sizes), "tolerance": tolerance, "max_abs_diff": diffs},
-        "source_checkpoint": {"path": str(Path(ckpt.path).resolve()), "sha256": ckpt.sha256()},
-        "thresholds": thresholds,
-    }
+    scoring_info = ScoringInfo(scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED,
+                               tuple(class_prior) if config.conditional else None)  # fmt: skip
+    rows = scorer(graphs["encoder"], graphs["decoder"], config.likelihood, data.normalization, data.support, scoring_info)
+    return Manifest(
+        name=name,
+        version=version,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(config.kind, config.arch, config.latent_dim, config.likelihood),
+        input=InputInfo(config.input_dim, tuple(data.feature_names), tuple(data.image_shape) if data.image_shape else None),
+        labels=tuple(data.label_names) if config.conditional else None,
+        normalization=data.normalization,
+        support=data.support,
+        scoring=scoring_info,
+        encoder=entries["encoder"],
+        decoder=entries["decoder"],
+        opset=OPSET,
+        exporter=exporter,
+        producer={"vaeserve": vaeserve.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__},  # fmt: skip
+        parity=Parity(tuple(batch_sizes), tolerance, diffs),
+        source_checkpoint={"path": str(Path(ckpt.path).resolve()), "sha256": ckpt.sha256()},
+        thresholds=calibrate(raw, rows, scoring_info.iw_samples),
+    )
 
 
 def _validation_rows(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray | None, list[float] | None]:
-    """Normalised held-out rows, their one-hot labels (CVAE) and the class prior (CVAE)."""
+    """Raw held-out rows, their one-hot labels (CVAE) and the class prior (CVAE)."""
     config, data = ckpt.model_config, ckpt.data
     try:
         raw, y = ckpt.validation_rows()
@@ -137,12 +129,12 @@ def _validation_rows(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray | None, l
         raise ArtifactError(f"{ckpt.path}: cannot read the held-out validation rows ({err})") from None
     if raw.ndim != 2 or raw.shape[1] != config.input_dim or raw.shape[0] == 0:
         raise ArtifactError(f"{ckpt.path}: validation rows have shape {raw.shape}, the model takes {config.input_dim} features")
-    x = data.normalization.apply(raw.astype(np.float32))
+    raw = raw.astype(np.float32)
     if not config.conditional:
-        return x, None, None
+        return raw, None, None
     classes = config.num_classes
     if not data.label_names or len(data.label_names) != classes:
         raise ArtifactError(f"{ckpt.path}: a CVAE with {classes} classes needs {classes} label names in config.json")
     prior = data.class_prior or [1.0 / classes] * classes  # uniform when training recorded none
-    index = y.astype(np.int64) if y is not None else np.arange(x.shape[0]) % classes
-    return x, np.eye(classes, dtype=np.float32)[index], [float(p) for p in prior]
+    index = y.astype(np.int64) if y is not None else np.arange(raw.shape[0]) % classes
+    return raw, np.eye(classes, dtype=np.float32)[index], [float(p) for p in prior]

@@ -3,7 +3,7 @@
     encoder.onnx   x [N, features] (, y [N, classes])  ->  mu, logvar [N, latent]
     decoder.onnx   z [N, latent]   (, y [N, classes])  ->  scoring.decoder_outputs(likelihood), each [N, features]
 
-Rows are normalised and flattened; normalisation is not in the graphs but in the manifest, applied by
+The contract itself is vaeserve.artifact.manifest.graph_contract, which the loader checks too. Rows are normalised and flattened; normalisation is not in the graphs but in the manifest, applied by
 the service (vaeserve.normalization.Normalizer). Every tensor is float32 with a dynamic batch axis.
 Checking the graphs against torch lives in validate.py.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from vaeserve.artifact.manifest import TensorInfo, graph_contract
 from vaeserve.errors import ConfigError
-from vaeserve.scoring import decoder_outputs
 from vaeserve.training.model import ModelConfig
 
 # Opset 18: the dynamo exporter emits it natively (down-converting to 17 fails on Split), and the
@@ -29,19 +29,10 @@ BATCH = "batch"
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    width: int  # the tensor is [batch, width] float32
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": [-1, self.width], "dtype": "float32"}
-
-
-@dataclass(frozen=True)
 class GraphSpec:
     name: str  # encoder | decoder
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
 
     @property
     def file(self) -> str:
@@ -58,19 +49,9 @@ class GraphSpec:
 
 def describe(config: ModelConfig) -> tuple[GraphSpec, GraphSpec]:
     """The encoder's and decoder's named inputs and outputs for a model config."""
-    label = (TensorSpec("y", config.num_classes),) if config.conditional else ()
-    latent, features = config.latent_dim, config.input_dim
-    encoder = GraphSpec(
-        "encoder",
-        inputs=(TensorSpec("x", features), *label),
-        outputs=(TensorSpec("mu", latent), TensorSpec("logvar", latent)),
-    )
-    decoder = GraphSpec(
-        "decoder",
-        inputs=(TensorSpec("z", latent), *label),
-        outputs=tuple(TensorSpec(name, features) for name in decoder_outputs(config.likelihood)),
-    )
-    return encoder, decoder
+    classes = config.num_classes if config.conditional else 0
+    contract = graph_contract(config.input_dim, config.latent_dim, config.likelihood, classes)
+    return GraphSpec("encoder", *contract["encoder"]), GraphSpec("decoder", *contract["decoder"])
 
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, exporter: str = "torchscript", opset: int = OPSET) -> None:

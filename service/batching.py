@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vaeserve.errors import ModelNotReady, QueueFull, VaeserveError
-from vaeserve.service import metrics
+from vaeserve.service import memory, metrics
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +66,24 @@ class BatcherConfig:
     max_batch_size: int  # rows per run
     max_queue_delay: float  # seconds
     max_queue_size: int  # requests
+    max_work: int | None = None  # values of work a batch may hold (one request alone may hold more); None: no cap
 
 
-# Rows of work (graph rows; Score counts each posterior sample) up to which a batch runs on the event
-# loop. Scoring 32 rows of the default model (256 decoder rows) takes about 0.26 ms on one core; a
-# round trip through a thread costs about as much CPU on a small VM.
-INLINE_WORK = 256
+# Values of work (rows x features of a graph; Score counts each posterior sample and class) up to which
+# a batch runs on the event loop. Scoring 32 rows of the default digits model (256 decoder rows of 64
+# features) takes about 0.26 ms on one core; a round trip through a thread costs about as much CPU on a
+# small VM.
+INLINE_WORK = 256 * 64
 
 
 def slice_rows(outputs: Feeds, start: int, stop: int) -> Feeds:
     return {name: value[start:stop] for name, value in outputs.items()}
 
 
-def _rows(rows: int, key: Hashable) -> int:
-    return rows
-
-
 class DynamicBatcher:
     """`run(feeds, key)` computes a batch; `split(result, start, stop)` gives a caller its rows of the
-    result; `work(rows, key)` says how much a batch costs, in rows of work: up to `inline_work` it runs
-    on the loop. `graph` names the batcher in metrics: encoder, decoder or score.
+    result; `work(rows, key)` says how much a batch costs, in values of work: up to `inline_work` it runs
+    on the loop, and a batch holds at most `config.max_work`. `graph` names the batcher in metrics: encoder, decoder or score.
 
     Driven by callbacks on the event loop rather than a task of its own: one timer starts the batch
     at the queue's head when it is due, and the end of a batch in the executor schedules the next.
@@ -95,7 +93,8 @@ class DynamicBatcher:
 
     def __init__(self, run: Callable[[Feeds, Hashable], object], config: BatcherConfig, executor: Executor, *,
                  model: str, graph: str, split: Callable[[object, int, int], object] = slice_rows,
-                 work: Callable[[int, Hashable], int] = _rows, inline_work: int = INLINE_WORK):  # fmt: skip
+                 work: Callable[[int, Hashable], int] = lambda rows, key: rows,
+                 inline_work: int = INLINE_WORK):  # fmt: skip
         self._run_batch = run
         self._split = split
         self._work, self._inline_work = work, inline_work
@@ -239,6 +238,7 @@ class DynamicBatcher:
         self._answer(batch, rows, start, result, err)
         self._computing.set_result(None)
         self._computing = None
+        memory.release_when_idle(self._loop or asyncio.get_running_loop())  # a large batch freed its temporaries
         self._schedule()
 
     def _answer(self, batch: list[_Request], rows: int, start: float, result, err: Exception | None) -> None:
@@ -259,12 +259,13 @@ class DynamicBatcher:
             _fail(batch, err)
 
     def _take(self, now: float) -> list[_Request]:
-        """The next batch: queued requests of one key in order, up to max_batch_size rows (at least one
-        request), leaving out those cancelled or past their deadline."""
-        batch, rows = [], 0
+        """The next batch: queued requests of one key in order, up to max_batch_size rows and max_work
+        values of work (at least one request), leaving out those cancelled or past their deadline."""
+        batch, rows, cap = [], 0, self.config.max_work
         while self._queue:
             request = self._queue[0]
-            if batch and (rows + request.rows > self.config.max_batch_size or request.key != batch[0].key):
+            if batch and (rows + request.rows > self.config.max_batch_size or request.key != batch[0].key
+                          or cap is not None and self._work(rows + request.rows, request.key) > cap):  # fmt: skip
                 break
             self._queue.popleft()
             self._queued_rows -= request.rows

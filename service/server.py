@@ -1,8 +1,10 @@
 """The grpc.aio server: Inference, grpc.health.v1, reflection; Prometheus /metrics on its own port;
 graceful shutdown; --workers N processes on one port through SO_REUSEPORT.
 
-Life of a worker: bind and answer health NOT_SERVING at once, load every valid model and warm it
-up (off the event loop), then SERVING. On SIGTERM/SIGINT: NOT_SERVING, stop accepting RPCs, let
+Life of a worker: scan the repository (manifests and graph hashes; the message size limits follow from
+it), bind and answer health NOT_SERVING at once, open, check and warm up every valid version (off the
+event loop), then SERVING. A version failing a check is skipped with one log line; with none left the
+command exits 2 with one line. On SIGTERM/SIGINT: NOT_SERVING, stop accepting RPCs, let
 batchers run what they hold without waiting to fill, finish in-flight RPCs within drain_seconds,
 exit 0.
 """
@@ -18,6 +20,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vaeserve.artifact.repository import ModelVersion, scan_repository
+from vaeserve.errors import ConfigError, VaeserveError
+from vaeserve.service import wire
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.servicer import InferenceServicer
 from vaeserve.service.settings import Settings
@@ -26,28 +31,46 @@ from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # vaeserve.v1.Inference
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # max_rows bounds a request; this only keeps gRPC's 4 MiB default out of the way
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
+SERVICE_NAME = SERVICE.full_name  # vaeserve.v1.Inference
+ENVELOPE_BYTES = 64 * 1024  # a message's names, options and framing beside its rows
+
+
+def message_limits(settings: Settings, versions: dict[str, dict[int, ModelVersion]]) -> tuple[int, int]:
+    """(receive, send) byte limits: the largest request the settings admit for the widest model served
+    (max_rows rows of float32 features or latents, each with a label), and the largest response
+    (max_request_values float32 samples, or max_rows rows of outputs)."""
+    manifests = [v.manifest for numbered in versions.values() for v in numbered.values()]
+    widest = max(max(m.input.features, m.model.latent_dim) for m in manifests)
+    label = max((len(name.encode()) for m in manifests for name in m.labels or ()), default=0)
+    receive = settings.max_rows * (4 * widest + label + 8) + ENVELOPE_BYTES
+    send = 4 * settings.max_request_values + settings.max_rows * (8 * widest + 64) + ENVELOPE_BYTES
+    return receive, send
 
 
 class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.versions = scan_repository(settings.repository)
+        if not self.versions:
+            raise ConfigError(f"no valid model version under {settings.repository}; the log says why each was skipped")
         self.servicer = InferenceServicer()
         self.health = health.aio.HealthServicer()
         self.registry: ModelRegistry | None = None
         self.port: int | None = None
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(settings.compute_threads or os.cpu_count() or 1, thread_name_prefix="ort")
+        self.receive_limit, self.send_limit = message_limits(settings, self.versions)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.receive_limit),
+                ("grpc.max_send_message_length", self.send_limit),
             ]
         )
-        pb_grpc.add_InferenceServicer_to_server(self.servicer, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        wire.add_service(self._server, pb_grpc.add_InferenceServicer_to_server, self.servicer, SERVICE)
+        wire.add_service(self._server, health_pb2_grpc.add_HealthServicer_to_server, self.health,
+                         health_pb2.DESCRIPTOR.services_by_name["Health"])  # fmt: skip
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
 
     async def start(self) -> None:
@@ -58,7 +81,12 @@ class Server:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self._server.start()
         loop = asyncio.get_running_loop()
-        self.registry = await loop.run_in_executor(None, ModelRegistry.load, self.settings, self._executor)
+        try:
+            self.registry = await loop.run_in_executor(None, ModelRegistry.load, self.settings, self._executor, self.versions)
+        except BaseException:
+            await self._server.stop(0)
+            self._executor.shutdown(wait=False)
+            raise
         for model in self.registry.all():
             model.start()
         self.servicer.serve(self.registry)
@@ -101,7 +129,11 @@ async def _serve_worker(settings: Settings) -> None:
 def _worker_main(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM; Ctrl-C reaches the group
-    asyncio.run(_serve_worker(settings))
+    try:
+        asyncio.run(_serve_worker(settings))
+    except VaeserveError as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
 
 
 def start_metrics_server(settings: Settings, registry=None) -> int | None:
@@ -131,6 +163,9 @@ def serve(settings: Settings) -> int:
 
 def _serve_workers(settings: Settings) -> int:
     import multiprocessing
+
+    if not scan_repository(settings.repository):  # fail once here rather than in every worker
+        raise ConfigError(f"no valid model version under {settings.repository}; the log says why each was skipped")
 
     # Multiprocess metrics: every worker writes its values under this folder (the variable must be
     # set before prometheus_client is imported in a worker), and the parent's /metrics sums them.

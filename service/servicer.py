@@ -26,6 +26,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.registry = registry
         self.model_names = frozenset(registry.models)
 
+    @staticmethod
+    def _rows(tensor, model: ServedModel):
+        return to_array(tensor, "x", model.features, model.settings.max_rows)
+
     def _model(self, request) -> ServedModel:
         if self.registry is None:
             raise ModelNotReady("the server is still loading its models; retry shortly")
@@ -36,7 +40,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         model = self._model(request)
         seed = request.seed if request.HasField("seed") else None
         mu, logvar, samples = await model.embed(
-            to_array(request.x, "x"), request.labels, request.posterior_samples, seed, _deadline(context)
+            self._rows(request.x, model), request.labels, request.posterior_samples, seed, _deadline(context)
         )
         response = pb.EmbedResponse(model=model.name, version=model.version, mu=to_tensor(mu), logvar=to_tensor(logvar))
         if samples is not None:
@@ -46,7 +50,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc
     async def Reconstruct(self, request, context):
         model = self._model(request)
-        x, nll, mse = await model.reconstruct(to_array(request.x, "x"), request.labels, _deadline(context))
+        x, nll, mse = await model.reconstruct(self._rows(request.x, model), request.labels, _deadline(context))
         return pb.ReconstructResponse(
             model=model.name, version=model.version, x=to_tensor(x),
             neg_log_likelihood=nll.tolist(), mean_squared_error=mse.tolist(),
@@ -57,7 +61,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         model = self._model(request)
         threshold = request.threshold if request.HasField("threshold") else None
         result = await model.score(
-            to_array(request.x, "x"), request.labels, threshold, request.iw_samples, _deadline(context)
+            self._rows(request.x, model), request.labels, threshold, request.iw_samples, _deadline(context)
         )
         s = result.scores
         response = pb.ScoreResponse(
@@ -82,7 +86,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc
     async def Decode(self, request, context):
         model = self._model(request)
-        x = await model.decode_latent(to_array(request.z, "z"), request.labels, _deadline(context))
+        z = to_array(request.z, "z", model.latent_dim, model.settings.max_rows)
+        x = await model.decode_latent(z, request.labels, _deadline(context))
         return pb.DecodeResponse(model=model.name, version=model.version, x=to_tensor(x))
 
     @rpc
@@ -100,37 +105,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 def metadata(model: ServedModel) -> pb.ModelMetadata:
     m = model.manifest
-    t = m["thresholds"]
+    t, scoring = m.thresholds, m.scoring
     graphs = {}
     for name, graph in (("encoder", model.encoder), ("decoder", model.decoder)):
-        entry = m["graphs"][name]
+        entry = m.graphs[name]
         graphs[name] = pb.GraphInfo(
-            file=entry["file"], sha256=entry["sha256"], inputs=graph.inputs, outputs=graph.outputs,
-            providers=graph.providers,
+            file=entry.file, sha256=entry.sha256, inputs=graph.inputs, outputs=graph.outputs, providers=graph.providers,
         )  # fmt: skip
     return pb.ModelMetadata(
         name=model.name,
         version=model.version,
         kind=model.kind,
-        arch=str(m["model"]["arch"]),
+        arch=m.model.arch,
         latent_dim=model.latent_dim,
         likelihood=model.likelihood,
         features=model.features,
-        feature_names=[str(n) for n in m["input"].get("feature_names") or []],
-        image_shape=m["input"].get("image_shape") or [],
-        labels=[str(n) for n in model.label_names],
-        class_prior=[] if model.class_prior is None else model.class_prior.tolist(),
-        normalization=model.normalizer.kind,
+        feature_names=m.input.feature_names,
+        image_shape=m.input.image_shape or [],
+        labels=model.label_names,
+        class_prior=scoring.class_prior or [],
+        normalization=m.normalization.kind,
         thresholds=pb.Thresholds(
-            score=t["score"], default=float(t["default"]),
-            quantiles={
-                score: pb.Quantiles(values={str(q): float(v) for q, v in values.items()})
-                for score, values in t["quantiles"].items() if isinstance(values, dict)
-            },
-            elbo_samples=model.elbo_samples, iw_samples=int(t.get("iw_samples", 0)), seed=model.seed,
+            score=t.score, default=t.default,
+            quantiles={score: pb.Quantiles(values=values) for score, values in t.quantiles.items()},
+            elbo_samples=scoring.elbo_samples, iw_samples=scoring.iw_samples, seed=scoring.seed,
         ),  # fmt: skip
         encoder=graphs["encoder"],
         decoder=graphs["decoder"],
-        opset=int(m["opset"]),
-        manifest_json=json.dumps(m),
+        opset=m.opset,
+        manifest_json=json.dumps(m.to_dict()),
+        support=pb.Support(low=m.support.low.tolist(), high=m.support.high.tolist()),
     )

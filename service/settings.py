@@ -32,6 +32,13 @@ class Settings:
     max_rows: int = _setting(4096, "rows one request may carry", 1)
     max_iw_samples: int = _setting(1024, "largest K a Score request may ask for", 0)
     max_posterior_samples: int = _setting(256, "largest number of posterior samples an Embed may ask for", 0)
+    max_request_values: int = _setting(
+        1 << 25,
+        "work one request may ask for, in values: rows x posterior samples x label-free classes x features "
+        "(Score), rows x posterior samples x latent dimensions (Embed), rows x features (the others); "
+        "refused with INVALID_ARGUMENT above it, and no batch holds more unless one request does",
+        1,
+    )
     intra_op_threads: int = _setting(1, "ONNX Runtime intra-op threads per session (non-spinning)", 1)
     compute_threads: int = _setting(0, "threads running large batches off the event loop; 0 = one per CPU core", 0)
     drain_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish", 0.0)

@@ -32,6 +32,7 @@ def build_checkpoint(path, digits, steps: int = TRAIN_STEPS, validation_rows: in
     from vaeserve.normalization import Normalizer
     from vaeserve.training.checkpoint import DataSchema, save_checkpoint, save_validation_rows
     from vaeserve.training.model import ModelConfig, build_model, elbo_loss
+    from vaeserve.training.train import fit_support
 
     data, train, val = digits
     settings = {"input_dim": data.x.shape[1], "image_shape": data.image_shape, "latent_dim": 4, "hidden": (64, 32)}
@@ -65,6 +66,7 @@ def build_checkpoint(path, digits, steps: int = TRAIN_STEPS, validation_rows: in
     schema = DataSchema(
         name=data.name, source="digits", feature_names=data.feature_names, normalization=normalizer,
         image_shape=data.image_shape, label_names=data.label_names, class_prior=(counts / counts.sum()).tolist(),
+        support=fit_support(data.x, data.image_shape is not None),
     )
     save_checkpoint(path, model, schema, train={"steps": steps}, metrics={})
     val = val[:validation_rows]

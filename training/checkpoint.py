@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vaeserve.errors import ArtifactError
-from vaeserve.normalization import Normalizer
+from vaeserve.normalization import Normalizer, Support
 from vaeserve.training.model import ModelConfig, build_model
 
 WEIGHTS, CONFIG, METRICS, VALIDATION = "weights.pt", "config.json", "metrics.json", "validation.npz"
@@ -26,7 +26,7 @@ WEIGHTS, CONFIG, METRICS, VALIDATION = "weights.pt", "config.json", "metrics.jso
 
 @dataclass
 class DataSchema:
-    """What a row is: its features, labels and normalisation. Travels into the export manifest."""
+    """What a row is: its features, labels, normalisation and support. Travels into the export manifest."""
 
     name: str
     source: str
@@ -35,15 +35,19 @@ class DataSchema:
     image_shape: tuple[int, int, int] | None = None
     label_names: list[str] | None = None
     class_prior: list[float] | None = None  # training-label frequencies, in label_names order
+    support: Support | None = None  # raw range of the training data; None in checkpoints of vaeserve < 0.2
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["normalization"] = self.normalization.to_dict()
+        d["support"] = None if self.support is None else self.support.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSchema":
         d = dict(d, normalization=Normalizer.from_dict(d["normalization"]))
+        if d.get("support") is not None:
+            d["support"] = Support.from_dict(d["support"])
         if d.get("image_shape") is not None:
             d["image_shape"] = tuple(d["image_shape"])
         return cls(**d)

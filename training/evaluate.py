@@ -16,9 +16,6 @@ from vaeserve.training.checkpoint import Checkpoint, DataSchema
 from vaeserve.training.model import PPCA
 
 DEFAULT_IW_SAMPLES = 1000
-# Upper bound on the values one scoring call holds per array ((elbo + K) samples x rows x features,
-# float64): ~32 MB, so K = 1000 on 784-pixel images stays well inside memory.
-MAX_CHUNK_VALUES = 1 << 22
 MAX_DECODE_BATCH = 16384  # rows per decoder forward pass
 
 
@@ -51,19 +48,9 @@ def torch_callables(model: torch.nn.Module, device: str = "cpu", dtype: torch.dt
     return encode, decode
 
 
-def score_rows(
-    model: torch.nn.Module,
-    x: np.ndarray,
-    labels: np.ndarray | None = None,
-    class_prior: np.ndarray | None = None,
-    *,
-    iw_samples: int = 0,
-    elbo_samples: int = scoring.ELBO_SAMPLES,
-    seed: int = scoring.SEED,
-    device: str = "cpu",
-) -> scoring.Scores:
-    """vaeserve.scoring.score over normalised rows x, in row chunks that bound memory. The posterior
-    noise is shared by all rows (see scoring), so chunking does not change any row's score.
+def scorer(model: torch.nn.Module, schema: DataSchema, *, elbo_samples: int = scoring.ELBO_SAMPLES,
+           seed: int = scoring.SEED, device: str = "cpu") -> scoring.Scorer:  # fmt: skip
+    """The model's Scorer over raw rows, through torch: the same Score the service computes on its graphs.
 
     PPCA runs in float64: its exact posterior makes every importance weight equal to p(x), and
     float64 keeps the estimate within rounding of the closed form.
@@ -73,25 +60,9 @@ def score_rows(
         dtype, model = torch.float64, copy.deepcopy(model).double()  # leave the caller's model as it is
     model = model.to(device).eval()
     encode, decode = torch_callables(model, device, dtype)
-    label_free = labels is None and class_prior is not None
-    copies = (elbo_samples + iw_samples) * (len(class_prior) if label_free else 1)
-    chunk = max(1, MAX_CHUNK_VALUES // (copies * x.shape[1]))
-
-    parts = []
-    for start in range(0, x.shape[0], chunk):
-        y = None if labels is None else labels[start : start + chunk]
-        parts.append(scoring.score(
-            x[start : start + chunk], encode, decode, model.config.likelihood, labels=y, class_prior=class_prior,
-            elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed,
-        ))  # fmt: skip
-    neg_iw = None if iw_samples == 0 else np.concatenate([p.neg_iw for p in parts])
-    return scoring.Scores(
-        neg_elbo=np.concatenate([p.neg_elbo for p in parts]),
-        reconstruction=np.concatenate([p.reconstruction for p in parts]),
-        kl=np.concatenate([p.kl for p in parts]),
-        neg_iw=neg_iw,
-        per_feature=np.concatenate([p.per_feature for p in parts]),
-    )
+    prior = np.asarray(schema.class_prior, np.float64) if model.config.conditional else None
+    return scoring.Scorer(encode, decode, model.config.likelihood, schema.normalization, schema.support,
+                          class_prior=prior, elbo_samples=elbo_samples, seed=seed)  # fmt: skip
 
 
 def summarize(scores: scoring.Scores) -> dict:
@@ -132,18 +103,16 @@ def evaluate(
     """Held-out scores of raw rows: -ELBO, reconstruction, KL and the K-sample importance-weighted
     log-likelihood; a CVAE both given its labels and label-free (labels marginalised with the
     training class prior); PPCA also the exact log-likelihood."""
-    x = schema.normalization.apply(np.asarray(x_raw, np.float32))
-    result = {"rows": int(x.shape[0]), "iw_samples": iw_samples}
+    x_raw = np.asarray(x_raw, np.float32)
+    rows = scorer(model, schema, seed=seed, device=device)
+    result = {"rows": int(x_raw.shape[0]), "iw_samples": iw_samples}
     if model.config.conditional:
-        labels = one_hot(y, model.config.num_classes)
-        result.update(summarize(score_rows(model, x, labels, iw_samples=iw_samples, seed=seed, device=device)))
-        prior = np.asarray(schema.class_prior, np.float64)
-        label_free = score_rows(model, x, None, prior, iw_samples=iw_samples, seed=seed, device=device)
-        result["label_free"] = summarize(label_free)
+        result.update(summarize(rows.score(x_raw, one_hot(y, model.config.num_classes), iw_samples)))
+        result["label_free"] = summarize(rows.score(x_raw, None, iw_samples))
     else:
-        result.update(summarize(score_rows(model, x, iw_samples=iw_samples, seed=seed, device=device)))
+        result.update(summarize(rows.score(x_raw, None, iw_samples)))
     if isinstance(model, PPCA):
-        result["exact_log_likelihood"] = float(exact_log_likelihood(model, x).mean())
+        result["exact_log_likelihood"] = float(exact_log_likelihood(model, schema.normalization.apply(x_raw)).mean())
     return result
 
 

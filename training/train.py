@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaeserve.errors import ConfigError, DataError
-from vaeserve.normalization import Normalizer
+from vaeserve.normalization import Normalizer, Support
 from vaeserve.scoring import LIKELIHOODS
 from vaeserve.training import evaluate as evaluation
 from vaeserve.training.checkpoint import (
@@ -197,6 +197,12 @@ def fit_normalizer(kind: str, x: np.ndarray, image: bool) -> Normalizer:
     return Normalizer.fit(kind, x)
 
 
+def fit_support(x: np.ndarray, image: bool) -> Support:
+    """The raw range the model answers for: every row given to training, validation rows included (so
+    the rows that calibrate thresholds lie inside it). Image pixels share one range."""
+    return Support.fit(x, shared=image)
+
+
 def class_prior(y: np.ndarray | None, classes: int) -> list[float] | None:
     if y is None:
         return None
@@ -264,6 +270,7 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
         image_shape=data.image_shape,
         label_names=data.label_names,
         class_prior=class_prior(y_train, len(data.label_names)) if data.y is not None else None,
+        support=previous.data.support if resume else fit_support(data.x, data.image_shape is not None),
     )
     model_config = ModelConfig(
         input_dim=data.x.shape[1],

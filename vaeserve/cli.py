@@ -14,7 +14,7 @@ COMMAND_MODULES = [
     "vaeserve.training.cli",
     "vaeserve.export.cli",
     "vaeserve.service.cli",
-    "vaeserve.bench",
+    "vaeserve.benchmarks.cli",
 ]
 
 

@@ -1,18 +1,23 @@
 """Scores of rows under a VAE: -ELBO, its reconstruction and KL terms, the K-sample importance-weighted
 bound, and per-feature terms. NumPy only, because the service carries no torch.
 
-The encoder and decoder come in as callables, so one implementation scores through ONNX Runtime
-(the service, inside one batch of Score requests; export calibration; benchmarks) and through a
-torch model (`vaeserve evaluate`). Everything is in nats, in the model's
-normalised feature space, float64. Posterior noise comes from a seeded generator and is shared by
-every row, so a row's score does not depend on which other rows share its batch.
+`Scorer` is the one Score of a model: raw rows in, support and normalisation applied, scored in chunks
+that bound memory, never NaN. The service (inside one batch of Score requests), export calibration, the
+benchmarks, `vaeserve evaluate` and the tests' references all score through it. The encoder and decoder
+come in as callables, so the same code runs on ONNX Runtime sessions and on a torch model.
+
+Everything is in nats, in the model's normalised feature space, float64. Posterior noise comes from a
+seeded generator and is shared by every row, so a row's score does not depend on which other rows share
+its batch or chunk.
 """
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from vaeserve.normalization import Normalizer, Support
 
 LIKELIHOODS = ("gaussian", "gaussian-fixed", "bernoulli")
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -90,6 +95,16 @@ class Scores:
     neg_iw: np.ndarray | None  # -log (1/K) sum_k p(x, z_k) / q(z_k|x)
     per_feature: np.ndarray  # [rows, features]: -E_q[log p(x_d|z)]
 
+    def rows(self, start: int, stop: int) -> "Scores":
+        return Scores(**{f.name: None if (v := getattr(self, f.name)) is None else v[start:stop] for f in fields(self)})
+
+    @classmethod
+    def concatenate(cls, parts: list["Scores"]) -> "Scores":
+        if len(parts) == 1:
+            return parts[0]
+        return cls(**{f.name: None if getattr(parts[0], f.name) is None else np.concatenate([getattr(p, f.name) for p in parts])
+                      for f in fields(cls)})  # fmt: skip
+
 
 def score(
     x: np.ndarray,
@@ -166,3 +181,85 @@ def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples
         )
         neg_iw = np.log(iw_samples) - logsumexp(log_w, axis=0)  # Burda et al. 2016, eq. 8
     return Scores(reconstruction + kl, reconstruction, kl, neg_iw, per_feature)
+
+
+# float64 values one chunk of a Score holds per array (rows x posterior samples x classes x features):
+# 16 MiB each, so memory stays bounded whatever the request; a batch of the service's usual size
+# (256 rows x 8 samples x 784 features) is one chunk.
+CHUNK_VALUES = 1 << 21
+
+
+class Scorer:
+    """The Score of one model, from raw rows.
+
+    1. Support: each row is brought into the model's support box; a value that had to move marks its
+       feature as out of support.
+    2. The row in the box is normalised (for a Bernoulli likelihood, into its domain [0, 1]: the support
+       spans validation rows too, which may lie past the training split's range) and scored (`score`),
+       in chunks of at most `chunk_values`.
+    3. Out-of-support rows: the served density is the model's density restricted to the support, so
+       such a row has log p(x) = -inf: neg_elbo, reconstruction and neg_iw are +inf, and per_feature is
+       +inf exactly at the features outside (which say where). kl stays that of the row in the box.
+       Any score that is still not a number or -inf (a numerical breakdown) is +inf: a score is finite
+       or +inf, never NaN, and an anomaly detector that cannot vouch for a row calls it anomalous.
+
+    A conditional model scores with one-hot `labels`, or without them label-free over `class_prior`.
+    """
+
+    def __init__(self, encode: Encode, decode: Decode, likelihood: str, normalizer: Normalizer,
+                 support: Support | None = None, *, class_prior: np.ndarray | None = None,
+                 elbo_samples: int = ELBO_SAMPLES, seed: int = SEED, chunk_values: int = CHUNK_VALUES):  # fmt: skip
+        decoder_outputs(likelihood)  # an unknown likelihood fails here, not at the first request
+        self.encode, self.decode, self.likelihood = encode, decode, likelihood
+        self.normalizer, self.support = normalizer, support
+        self.class_prior = None if class_prior is None else np.asarray(class_prior, np.float64)
+        self.elbo_samples, self.seed, self.chunk_values = elbo_samples, seed, chunk_values
+        self.features = len(normalizer.shift)
+
+    def work(self, rows: int, labelled: bool = False, iw_samples: int = 0) -> int:
+        """Values a Score computes: rows x posterior samples x classes (label-free) x features."""
+        classes = 1 if self.class_prior is None or labelled else len(self.class_prior)
+        return rows * classes * (self.elbo_samples + iw_samples) * self.features
+
+    def prepare(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw rows -> (normalised rows inside the support, [rows, features] mask of values that were
+        outside it, or None when all were inside)."""
+        x = np.asarray(x, np.float32)
+        outside = None
+        if self.support is not None:
+            inside = self.support.clip(x)
+            outside = inside != x
+            x, outside = inside, outside if outside.any() else None
+        normalised = self.normalizer.apply(x)
+        if self.likelihood == "bernoulli":  # its domain; the support can reach past the training split's range
+            normalised = np.clip(normalised, 0.0, 1.0)
+        return normalised, outside
+
+    def score(self, x: np.ndarray, labels: np.ndarray | None = None, iw_samples: int = 0) -> Scores:
+        """Scores of raw rows x [rows, features]; `labels` one-hot [rows, classes] or None."""
+        normalised, outside = self.prepare(x)
+        rows = len(normalised)
+        chunk = max(1, self.chunk_values // max(1, self.work(1, labels is not None, iw_samples)))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            parts = [
+                score(normalised[start : start + chunk], self.encode, self.decode, self.likelihood,
+                      labels=None if labels is None else labels[start : start + chunk], class_prior=self.class_prior,
+                      elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed)  # fmt: skip
+                for start in range(0, rows, chunk)
+            ]
+        return _fail_safe(Scores.concatenate(parts), outside)
+
+
+def _fail_safe(s: Scores, outside: np.ndarray | None) -> Scores:
+    """+inf for rows outside the support (and per_feature at their features outside); NaN and -inf
+    become +inf. In place: the arrays are the scorer's own."""
+    if outside is not None:
+        s.per_feature[outside] = np.inf
+        out_rows = outside.any(axis=1)
+        for a in (s.neg_elbo, s.reconstruction, s.neg_iw):
+            if a is not None:
+                a[out_rows] = np.inf
+    for a in (s.neg_elbo, s.reconstruction, s.kl, s.neg_iw, s.per_feature):
+        if a is not None:
+            a[~(a > -np.inf)] = np.inf  # NaN and -inf
+    return s

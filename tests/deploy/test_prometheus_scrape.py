@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from deploy_support import DEPLOY, ServeProcess, free_port, prometheus_tool
+from deploy_support import DEPLOY, prometheus_tool, serve_process
+
+from vaeserve.benchmarks.harness import free_port
 
 SCORE_REQUESTS = 12  # to vae, 4 rows each (an even number: sent in two rounds)
 EMBED_REQUESTS = 8  # to ppca, 4 rows each (even)
@@ -54,7 +56,7 @@ def scalar(result: list[dict]) -> float | None:
 
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
-    running = ServeProcess(model_repository, tmp_path_factory.mktemp("vaeserve") / "serve.log", drain_seconds=2)
+    running = serve_process(model_repository, tmp_path_factory.mktemp("vaeserve") / "serve.log", drain_seconds=2)
     try:
         running.wait_serving()
         yield running

@@ -1,7 +1,7 @@
 """`vaeserve export` from the command line."""
 
 from vaeserve.cli import main
-from vaeserve.export.repository import scan_repository
+from vaeserve.artifact.repository import scan_repository
 
 
 def test_export_command_writes_a_version(make_checkpoint, tmp_path, capsys):

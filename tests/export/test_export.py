@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from vaeserve import scoring
+from vaeserve.artifact.manifest import file_sha256
+from vaeserve.artifact.repository import load_version
+from vaeserve.artifact.runtime import Model
 from vaeserve.errors import ConfigError, ExportError
 from vaeserve.export.exporter import export_checkpoint
-from vaeserve.export.manifest import file_sha256
-from vaeserve.export.repository import load_version
-from vaeserve.normalization import Normalizer
-from vaeserve.service.runtime import Graph, scoring_callables
+from vaeserve.normalization import Normalizer, Support
 from vaeserve.training.checkpoint import load_checkpoint
 
 
@@ -51,23 +51,29 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     version = load_version(model_repository / "cvae" / "1")
     m = json.loads((version.path / "manifest.json").read_text())
     checkpoint = load_checkpoint(make_checkpoint("cvae"))
-    assert m["schema_version"] == 1 and m["name"] == "cvae" and m["version"] == 1
+    assert m["schema_version"] == 2 and m["name"] == "cvae" and m["version"] == 1
     assert m["created"].endswith("+00:00")
     assert m["model"] == {"kind": "cvae", "arch": "mlp", "latent_dim": 4, "likelihood": "bernoulli"}
     assert m["input"] == {
         "features": 64, "dtype": "float32", "shape": [-1, 64], "image_shape": [1, 8, 8],
         "feature_names": checkpoint.data.feature_names,
     }
-    assert m["labels"]["names"] == [str(c) for c in range(10)]
-    assert math.isclose(sum(m["labels"]["prior"]), 1.0) and min(m["labels"]["prior"]) > 0.08
+    assert m["labels"] == {"names": [str(c) for c in range(10)]}
+    prior = m["scoring"]["class_prior"]
+    assert math.isclose(sum(prior), 1.0) and min(prior) > 0.08
+    assert {k: v for k, v in m["scoring"].items() if k != "class_prior"} == {
+        "elbo_samples": scoring.ELBO_SAMPLES, "iw_samples": scoring.IW_SAMPLES, "seed": scoring.SEED}
     normalizer = Normalizer.from_dict(m["normalization"])
     assert normalizer.kind == "minmax" and np.array_equal(normalizer.scale, checkpoint.data.normalization.scale)
+    # The support is the raw range of every digits row; pixels share one range.
+    support = Support.from_dict(m["support"], 64)
+    assert np.array_equal(support.low, np.zeros(64)) and np.array_equal(support.high, np.full(64, 16.0))
     for graph in ("encoder", "decoder"):
         assert m["graphs"][graph]["sha256"] == file_sha256(version.path / f"{graph}.onnx")
     assert m["source_checkpoint"]["sha256"] == checkpoint.sha256()
     assert set(m["producer"]) == {"vaeserve", "torch", "onnx", "onnxruntime"}
     assert sorted(p.name for p in version.path.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
-    assert load_version(model_repository / "vae" / "1").manifest["labels"] is None
+    assert load_version(model_repository / "vae" / "1").manifest.labels is None
 
 
 @pytest.mark.parametrize("name", ["vae", "cvae", "ppca"])
@@ -75,24 +81,19 @@ def test_thresholds_are_quantiles_of_the_served_scores(model_repository, make_ch
     """Scoring the held-out rows again through the exported graphs reproduces the stored quantiles."""
     version = load_version(model_repository / name / "1")
     m = version.manifest
-    t = m["thresholds"]
+    t = m.thresholds
     raw, _ = load_checkpoint(make_checkpoint(name)).validation_rows()
-    x = Normalizer.from_dict(m["normalization"]).apply(raw)
-    encode, decode = scoring_callables(Graph(version.encoder_path), Graph(version.decoder_path))
-    prior = np.asarray(m["labels"]["prior"]) if m["labels"] else None
-    s = scoring.score(x, encode, decode, m["model"]["likelihood"], class_prior=prior,
-                      elbo_samples=t["elbo_samples"], iw_samples=t["iw_samples"], seed=t["seed"])
-    assert t["calibration_rows"] == raw.shape[0] == 180
-    assert (t["elbo_samples"], t["iw_samples"], t["seed"]) == (scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED)
-    assert t["score"] == "neg_elbo" and t["target_false_positive_rate"] == 0.01
+    s = Model(version).scorer.score(raw, None, m.scoring.iw_samples)
+    assert t.calibration_rows == raw.shape[0] == 180
+    assert t.score == "neg_elbo" and t.target_false_positive_rate == 0.01 and t.label_free == (name == "cvae")
     for score_name, values in (("neg_elbo", s.neg_elbo), ("neg_iw", s.neg_iw)):
-        stored = t["quantiles"][score_name]
+        stored = t.quantiles[score_name]
         assert list(stored) == ["0.95", "0.99", "0.999"]
         assert stored["0.95"] <= stored["0.99"] <= stored["0.999"]
         for q, value in stored.items():
             assert value == pytest.approx(np.quantile(values, float(q)), rel=1e-6)
-    assert t["default"] == t["quantiles"]["neg_elbo"]["0.99"]
-    assert np.mean(s.neg_elbo > t["default"]) == pytest.approx(0.01, abs=0.006)  # 1-2 of 180 rows
+    assert t.default == t.quantiles["neg_elbo"]["0.99"]
+    assert np.mean(s.neg_elbo > t.default) == pytest.approx(0.01, abs=0.006)  # 1-2 of 180 rows
 
 
 def test_ppca_importance_weighted_score_is_its_exact_log_likelihood(model_repository, make_checkpoint):
@@ -102,8 +103,7 @@ def test_ppca_importance_weighted_score_is_its_exact_log_likelihood(model_reposi
     checkpoint = load_checkpoint(make_checkpoint("ppca"))
     raw, _ = checkpoint.validation_rows()
     x = checkpoint.data.normalization.apply(raw[:50]).astype(np.float64)
-    encode, decode = scoring_callables(Graph(version.encoder_path), Graph(version.decoder_path))
-    s = scoring.score(x, encode, decode, "gaussian", iw_samples=16)
+    s = Model(version).scorer.score(raw[:50], iw_samples=16)
     cov = checkpoint.model.covariance()
     diff = x - checkpoint.model.decoder.mean.double().numpy()
     _, logdet = np.linalg.slogdet(cov)

@@ -1,12 +1,14 @@
 """Every model kind and architecture exports with ONNX Runtime matching torch at batch 1, 7 and 256."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from vaeserve.export.exporter import export_checkpoint
-from vaeserve.service.runtime import Graph
+from vaeserve.artifact.runtime import Graph
 from vaeserve.training.checkpoint import load_checkpoint
 
 CASES = [
@@ -47,10 +49,10 @@ def test_onnx_runtime_matches_torch(exported, kind, arch, likelihood, batch):
     for module, path, feeds in cases:
         if y is not None:
             feeds["y"] = y
-        got = Graph(path).run(feeds)
+        got = Graph(path, version.manifest.graphs[path.stem]).run(feeds)
         with torch.no_grad():
             want = module(*(torch.from_numpy(v) for v in feeds.values()))
-        assert list(got) == [o["name"] for o in version.manifest["graphs"][path.stem]["outputs"]]
+        assert list(got) == [o.name for o in version.manifest.graphs[path.stem].outputs]
         for name, expected in zip(got, want):
             assert got[name].shape == tuple(expected.shape)
             assert got[name].shape[0] == batch
@@ -60,7 +62,7 @@ def test_onnx_runtime_matches_torch(exported, kind, arch, likelihood, batch):
 @pytest.mark.parametrize("kind,arch,likelihood", CASES)
 def test_manifest_records_parity_and_graph_interface(exported, kind, arch, likelihood):
     _, version = exported[f"{kind}-{arch}-{likelihood}"]
-    manifest = version.manifest
+    manifest = json.loads((version.path / "manifest.json").read_text())
     outputs = {"bernoulli": ["x_logits"]}.get(likelihood, ["x_mean", "x_logvar"])
     label = ["y"] if kind == "cvae" else []
     assert [t["name"] for t in manifest["graphs"]["encoder"]["inputs"]] == ["x", *label]
@@ -84,7 +86,7 @@ def test_manifest_records_parity_and_graph_interface(exported, kind, arch, likel
 def test_dynamo_exporter_gives_the_same_interface(exported, tmp_path):
     checkpoint, _ = exported["cvae-mlp-gaussian"]
     version = export_checkpoint(checkpoint, tmp_path, "dynamo", exporter="dynamo")
-    assert version.manifest["exporter"] == "dynamo"
-    assert max(version.manifest["parity"]["max_abs_diff"].values()) < 1e-4
-    decoder = Graph(version.decoder_path)
+    assert version.manifest.exporter == "dynamo"
+    assert max(version.manifest.parity.max_abs_diff.values()) < 1e-4
+    decoder = Graph(version.decoder_path, version.manifest.decoder)
     assert (decoder.inputs, decoder.outputs) == (["z", "y"], ["x_mean", "x_logvar"])

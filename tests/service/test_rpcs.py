@@ -7,24 +7,22 @@ import numpy as np
 import pytest
 
 from vaeserve import scoring
-from vaeserve.export.repository import scan_repository
-from vaeserve.normalization import Normalizer
-from vaeserve.service.runtime import Graph, scoring_callables
+from vaeserve.artifact.repository import scan_repository
+from vaeserve.artifact.runtime import Model
 
 MODELS = ["vae", "cvae", "ppca"]
 
 
 class Reference:
-    """A model version's graphs run directly, for expected values."""
+    """A model version opened in-process (the same artifact and Scorer), for expected values."""
 
     def __init__(self, version):
+        self.model = Model(version)
         self.manifest = version.manifest
-        self.encoder = Graph(version.encoder_path)
-        self.decoder = Graph(version.decoder_path)
-        self.encode, self.decode = scoring_callables(self.encoder, self.decoder)
-        self.normalizer = Normalizer.from_dict(self.manifest["normalization"])
-        self.likelihood = self.manifest["model"]["likelihood"]
-        self.labels = (self.manifest.get("labels") or {}).get("names")
+        self.encoder, self.encode, self.decode = self.model.encoder, self.model.encode, self.model.decode
+        self.normalizer = self.manifest.normalization
+        self.likelihood = self.manifest.model.likelihood
+        self.labels = list(self.manifest.labels) if self.manifest.labels else None
 
     def one_hot(self, labels):
         return None if labels is None else np.eye(len(self.labels), dtype=np.float32)[[self.labels.index(l) for l in labels]]
@@ -46,12 +44,14 @@ def test_list_and_get_model(client, references):
     assert client.models() == {"cvae": [1], "ppca": [1], "vae": [1]}
     for name, ref in references.items():
         meta = client.get_model(name)
-        assert (meta.name, meta.version, meta.kind) == (name, 1, ref.manifest["model"]["kind"])
-        assert meta.latent_dim == ref.manifest["model"]["latent_dim"] and meta.features == 64
+        assert (meta.name, meta.version, meta.kind) == (name, 1, ref.manifest.model.kind)
+        assert meta.latent_dim == ref.manifest.model.latent_dim and meta.features == 64
         assert list(meta.encoder.providers) == ref.encoder.providers
-        assert meta.encoder.sha256 == ref.manifest["graphs"]["encoder"]["sha256"]
-        assert meta.thresholds.default == pytest.approx(ref.manifest["thresholds"]["default"])
+        assert meta.encoder.sha256 == ref.manifest.encoder.sha256
+        assert meta.thresholds.default == pytest.approx(ref.manifest.thresholds.default)
         assert list(meta.labels) == (ref.labels if name == "cvae" else [])
+        np.testing.assert_array_equal(meta.support.low, ref.manifest.support.low)
+        np.testing.assert_array_equal(meta.support.high, ref.manifest.support.high)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -90,20 +90,16 @@ def test_score(client, references, rows, name, with_labels):
     x, labels = rows
     ref = references[name]
     labels = labels if with_labels else None
-    t = ref.manifest["thresholds"]
-    prior = ref.manifest["labels"]["prior"] if name == "cvae" else None
-    expected = scoring.score(
-        ref.normalizer.apply(x), ref.encode, ref.decode, ref.likelihood, labels=ref.one_hot(labels),
-        class_prior=prior, elbo_samples=t["elbo_samples"], iw_samples=16, seed=t["seed"],
-    )  # fmt: skip
+    default = ref.manifest.thresholds.default
+    expected = ref.model.scorer.score(x, ref.one_hot(labels), iw_samples=16)
     got = client.score(name, x, labels, per_feature=True, iw_samples=16)
     np.testing.assert_allclose(got.neg_elbo, expected.neg_elbo, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.reconstruction, expected.reconstruction, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.kl, expected.kl, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.neg_iw, expected.neg_iw, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.per_feature, expected.per_feature, rtol=1e-4, atol=1e-4)
-    assert got.threshold == pytest.approx(t["default"])
-    np.testing.assert_array_equal(got.is_anomaly, got.neg_elbo > t["default"])
+    assert got.threshold == pytest.approx(default)
+    np.testing.assert_array_equal(got.is_anomaly, got.neg_elbo > default)
     # A per-request threshold overrides the manifest's.
     middle = float(np.median(got.neg_elbo))
     override = client.score(name, x, labels, threshold=middle)
@@ -116,7 +112,7 @@ def test_generate_and_decode(client, references, rows, name):
     ref = references[name]
     labels = ["3", "3", "7"] if name == "cvae" else None
     got = client.generate(name, 0 if labels else 3, labels, temperature=0.5, seed=11)
-    assert got.x.shape == (3, 64) and got.z.shape == (3, ref.manifest["model"]["latent_dim"])
+    assert got.x.shape == (3, 64) and got.z.shape == (3, ref.manifest.model.latent_dim)
     z = np.random.default_rng(11).standard_normal(got.z.shape, dtype=np.float32) * np.float32(0.5)
     np.testing.assert_allclose(got.z, z, atol=1e-6)
     np.testing.assert_allclose(got.x, ref.decode_mean(z, ref.one_hot(labels)), atol=1e-4)
@@ -129,7 +125,7 @@ def test_ppca_score_is_exact_log_likelihood(client, references, rows):
     W and s^2 come from the decoder graph: x_mean(e_i) - x_mean(0) and exp(x_logvar)."""
     x, _ = rows
     ref = references["ppca"]
-    latent = ref.manifest["model"]["latent_dim"]
+    latent = ref.manifest.model.latent_dim
     z = np.vstack([np.zeros((1, latent)), np.eye(latent)]).astype(np.float32)
     out = ref.decode(z, None)
     m = out["x_mean"][0].astype(np.float64)

@@ -6,7 +6,7 @@ import torch
 
 from vaeserve import scoring
 from vaeserve.training.checkpoint import load_checkpoint
-from vaeserve.training.evaluate import score_rows
+from vaeserve.training.evaluate import scorer
 from vaeserve.training.model import ModelConfig, build_model, elbo_loss
 
 
@@ -50,11 +50,14 @@ def test_training_loss_kl_is_the_closed_form():
 def test_importance_weighted_bound_is_above_the_elbo_and_tightens_with_k(trained_vae):
     checkpoint = load_checkpoint(trained_vae)
     x_raw, _ = checkpoint.validation_rows()
-    x = checkpoint.data.normalization.apply(x_raw)
     seeds = range(5)  # posterior noise is shared by rows; several seeds average it out
-    elbo = np.mean([-score_rows(checkpoint.model, x, elbo_samples=100, seed=s).neg_elbo.mean() for s in seeds])
+
+    def score(elbo_samples, seed, iw_samples=0):
+        return scorer(checkpoint.model, checkpoint.data, elbo_samples=elbo_samples, seed=seed).score(x_raw, None, iw_samples)
+
+    elbo = np.mean([-score(100, s).neg_elbo.mean() for s in seeds])
     bound = {
-        k: np.mean([-score_rows(checkpoint.model, x, elbo_samples=1, iw_samples=k, seed=s).neg_iw.mean() for s in seeds])
+        k: np.mean([-score(1, s, k).neg_iw.mean() for s in seeds])
         for k in (1, 10, 100)
     }
     assert checkpoint.metrics["validation"]["kl"] > 1.0  # an informative posterior, so there is a gap to close

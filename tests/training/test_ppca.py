@@ -5,7 +5,7 @@ import numpy as np
 from scipy.stats import multivariate_normal
 
 from vaeserve.training.checkpoint import load_checkpoint
-from vaeserve.training.evaluate import exact_log_likelihood, score_rows
+from vaeserve.training.evaluate import exact_log_likelihood, scorer
 
 
 def test_exact_log_likelihood_matches_scipy(ppca_run):
@@ -27,5 +27,5 @@ def test_importance_weighted_estimate_equals_exact(ppca_run):
     x = checkpoint.data.normalization.apply(x_raw)
     exact = exact_log_likelihood(checkpoint.model, x)
     for k in (1, 100):
-        estimate = -score_rows(checkpoint.model, x, iw_samples=k).neg_iw
+        estimate = -scorer(checkpoint.model, checkpoint.data).score(x_raw, iw_samples=k).neg_iw
         assert np.max(np.abs(estimate - exact)) < 1e-4, (k, np.max(np.abs(estimate - exact)))

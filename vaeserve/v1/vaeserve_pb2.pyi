@@ -236,8 +236,16 @@ class Quantiles(_message.Message):
     values: _containers.ScalarMap[str, float]
     def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class Support(_message.Message):
+    __slots__ = ("low", "high")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    low: _containers.RepeatedScalarFieldContainer[float]
+    high: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, low: _Optional[_Iterable[float]] = ..., high: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "kind", "arch", "latent_dim", "likelihood", "features", "feature_names", "image_shape", "labels", "class_prior", "normalization", "thresholds", "encoder", "decoder", "opset", "manifest_json")
+    __slots__ = ("name", "version", "kind", "arch", "latent_dim", "likelihood", "features", "feature_names", "image_shape", "labels", "class_prior", "normalization", "thresholds", "encoder", "decoder", "opset", "manifest_json", "support")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +263,7 @@ class ModelMetadata(_message.Message):
     DECODER_FIELD_NUMBER: _ClassVar[int]
     OPSET_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: str
@@ -272,4 +281,5 @@ class ModelMetadata(_message.Message):
     decoder: GraphInfo
     opset: int
     manifest_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., arch: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., class_prior: _Optional[_Iterable[float]] = ..., normalization: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., encoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., decoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    support: Support
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., arch: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., class_prior: _Optional[_Iterable[float]] = ..., normalization: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., encoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., decoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ..., support: _Optional[_Union[Support, _Mapping]] = ...) -> None: ...

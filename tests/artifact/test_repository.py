@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from vaeserve.errors import ArtifactError, ModelNotFound
-from vaeserve.export.repository import ModelVersion, load_version, newest, scan_repository
+from vaeserve.artifact.repository import ModelVersion, load_version, newest, scan_repository
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_scan_loads_every_model(model_repository):
     assert isinstance(vae, ModelVersion) and (vae.name, vae.version) == ("vae", 1)
     assert vae.encoder_path == model_repository / "vae" / "1" / "encoder.onnx"
     assert vae.decoder_path == model_repository / "vae" / "1" / "decoder.onnx"
-    assert vae.manifest["model"]["kind"] == "vae"
+    assert vae.manifest.model.kind == "vae"
 
 
 def test_altered_graph_is_refused_naming_the_file(repository, caplog):
@@ -66,7 +66,7 @@ def test_version_without_manifest_is_skipped_with_a_log_line(repository, caplog)
     [
         (lambda text: text[: len(text) // 2], r"manifest\.json: corrupt JSON"),
         (lambda text: "[]", r"manifest\.json: corrupt manifest: expected a JSON object"),
-        (lambda text: text.replace('"schema_version": 1', '"schema_version": 99'), "unsupported schema_version 99"),
+        (lambda text: text.replace('"schema_version": 2', '"schema_version": 99'), "schema_version 99 is not supported"),
         (lambda text: text.replace('"latent_dim"', '"latent_size"'), r"corrupt manifest: model\.latent_dim is missing"),
         (lambda text: text.replace('"opset": 18', '"opset": "18"'), "opset has the wrong type"),
     ],
@@ -109,5 +109,5 @@ def test_missing_repository_is_an_error(tmp_path):
 
 
 def test_loader_does_not_import_torch():
-    code = "import sys, vaeserve.export.repository; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, vaeserve.artifact.runtime; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

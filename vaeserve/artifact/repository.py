@@ -1,21 +1,20 @@
-"""The model repository the service loads: `<root>/<name>/<version>/{encoder.onnx, decoder.onnx, manifest.json}`.
+"""The model repository: `<root>/<name>/<version>/{encoder.onnx, decoder.onnx, manifest.json}`.
 
-No torch here. A version folder is a positive integer. It is complete when manifest.json exists
-(export writes it last); it is valid when the manifest parses and checks and each graph's sha256
-matches the manifest. Folders starting with "." are exports in progress and are never looked at.
+No torch, no ONNX Runtime here. A version folder is a positive integer. It is complete when
+manifest.json exists (export writes it last); its files are valid when the manifest reads and checks
+(vaeserve.artifact.manifest) and each graph is a file inside the folder whose sha256 matches the
+manifest. Folders starting with "." are exports in progress and are never looked at. Opening the graphs
+in ONNX Runtime and checking them against the manifest is vaeserve.artifact.runtime's part.
 """
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vaeserve.artifact.manifest import MANIFEST, Manifest, file_sha256, read_manifest
 from vaeserve.errors import ArtifactError, ModelNotFound
-from vaeserve.export.manifest import GRAPHS, MANIFEST, file_sha256, read_manifest
 
 log = logging.getLogger(__name__)
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -23,32 +22,34 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def encoder_path(self) -> Path:
-        return self.path / self.manifest["graphs"]["encoder"]["file"]
+        return self.path / self.manifest.encoder.file
 
     @property
     def decoder_path(self) -> Path:
-        return self.path / self.manifest["graphs"]["decoder"]["file"]
+        return self.path / self.manifest.decoder.file
 
 
 def load_version(path: str | Path) -> ModelVersion:
     """Load and verify one version folder; ArtifactError naming the file that is missing, corrupt or altered."""
     path = Path(path)
     manifest = read_manifest(path)
-    if path.name.isdigit() and int(path.name) != manifest["version"]:
-        raise ArtifactError(f"{path / MANIFEST}: says version {manifest['version']}, but its folder is {path.name}")
-    for graph in GRAPHS:
-        entry = manifest["graphs"][graph]
-        file = path / entry["file"]
+    if path.name.isdigit() and int(path.name) != manifest.version:
+        raise ArtifactError(f"{path / MANIFEST}: says version {manifest.version}, but its folder is {path.name}")
+    folder = path.resolve()
+    for graph, entry in manifest.graphs.items():
+        file = path / entry.file
         if not file.is_file():
             raise ArtifactError(f"{file}: missing; the manifest lists it as the {graph} graph")
+        if not file.resolve().is_relative_to(folder):
+            raise ArtifactError(f"{file}: links outside its version folder; a version's graphs live inside it")
         actual = file_sha256(file)
-        if actual != entry["sha256"]:
-            raise ArtifactError(f"{file}: sha256 {actual} does not match the manifest ({entry['sha256']}); the graph was altered")
-    return ModelVersion(manifest["name"], manifest["version"], path, manifest)
+        if actual != entry.sha256:
+            raise ArtifactError(f"{file}: sha256 {actual} does not match the manifest ({entry.sha256}); the graph was altered")
+    return ModelVersion(manifest.name, manifest.version, path, manifest)
 
 
 def version_folders(model_dir: Path) -> dict[int, Path]:
@@ -67,8 +68,9 @@ def scan_repository(root: str | Path) -> dict[str, dict[int, ModelVersion]]:
     """Every valid version of every model under root, by name and version.
 
     A version folder without manifest.json is incomplete: skipped with a warning. A version whose
-    manifest or graphs are corrupt or altered is skipped with an error log naming the file, so one bad
-    version never keeps the others from serving. Models without a valid version are left out.
+    manifest or graphs are corrupt or altered is skipped with one error line naming the file and the
+    reason, so one bad version never keeps the others from serving. Models without a valid version
+    are left out.
     """
     root = Path(root)
     if not root.is_dir():

@@ -37,7 +37,6 @@ MAX_TRAIN_ROWS = 4000  # vaeserve's training rows are subsampled above this (tim
 PCA_VARIANCE = 0.9  # PCA baseline keeps the components explaining this share of the variance
 IFOREST_TREES = 100
 SCORES = ("neg_elbo", "neg_iw", "reconstruction")
-CHUNK_VALUES = 1 << 22  # decoder output values per scoring call
 
 
 @dataclass
@@ -62,8 +61,12 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def metrics(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """AUROC and AUPRC; +inf scores (rows outside the model's support) rank above every finite one."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
+    finite = np.isfinite(score)
+    if not finite.all():
+        score = np.where(finite, score, (score[finite].max() if finite.any() else 0.0) + 1.0)
     return float(roc_auc_score(y, score)), float(average_precision_score(y, score))
 
 
@@ -85,24 +88,11 @@ def pca_scores(x_train, x_test, seed: int) -> np.ndarray:
 
 
 def served_scores(version, x_raw: np.ndarray) -> dict[str, np.ndarray]:
-    """Every score of raw rows through the exported graphs, as ServedModel.score computes them."""
-    from vaeserve import scoring
-    from vaeserve.normalization import Normalizer
-    from vaeserve.service.runtime import Graph, scoring_callables
+    """Every score of raw rows, through the version's Scorer as the service computes them."""
+    from vaeserve.artifact.runtime import Model
 
-    manifest = version.manifest
-    thresholds = manifest["thresholds"]
-    encode, decode = scoring_callables(Graph(version.encoder_path), Graph(version.decoder_path))
-    x = Normalizer.from_dict(manifest["normalization"]).apply(x_raw)
-    elbo_samples = int(thresholds.get("elbo_samples", scoring.ELBO_SAMPLES))
-    iw_samples = int(thresholds.get("iw_samples", scoring.IW_SAMPLES))
-    seed = int(thresholds.get("seed", scoring.SEED))
-    chunk = max(1, CHUNK_VALUES // ((elbo_samples + iw_samples) * x.shape[1]))
-    parts = []
-    for start in range(0, len(x), chunk):
-        parts.append(scoring.score(x[start : start + chunk], encode, decode, manifest["model"]["likelihood"],
-                                   elbo_samples=elbo_samples, iw_samples=iw_samples, seed=seed))  # fmt: skip
-    return {name: np.concatenate([getattr(p, name) for p in parts]) for name in SCORES}
+    scores = Model(version).scorer.score(x_raw, None, version.manifest.scoring.iw_samples)
+    return {name: getattr(scores, name) for name in SCORES}
 
 
 def run_one(path: str, seed: int, max_train_rows: int, train_options: dict) -> dict:
@@ -138,9 +128,9 @@ def run_one(path: str, seed: int, max_train_rows: int, train_options: dict) -> d
         result = train(config, tmp / "checkpoint")
         version = export_checkpoint(tmp / "checkpoint", tmp / "models", "bench", 1)
         scores = served_scores(version, x_test)
-        thresholds = version.manifest["thresholds"]
+        thresholds = version.manifest.thresholds
     seconds = time.perf_counter() - started
-    default = thresholds["score"]  # the product's default score, as the manifest names it
+    default = thresholds.score  # the product's default score, as the manifest names it
     add("vaeserve", scores[default], seconds)
     for score_name in SCORES:
         if score_name != default:
@@ -148,9 +138,9 @@ def run_one(path: str, seed: int, max_train_rows: int, train_options: dict) -> d
 
     normal_scores = scores[default][y_test == 0]
     threshold = {
-        "dataset": name, "seed": seed, "score": thresholds["score"], "threshold": thresholds["default"],
-        "target_fpr": thresholds["target_false_positive_rate"], "fpr": float(np.mean(normal_scores > thresholds["default"])),
-        "calibration_rows": thresholds["calibration_rows"], "calibrated_on": thresholds["calibrated_on"],
+        "dataset": name, "seed": seed, "score": thresholds.score, "threshold": thresholds.default,
+        "target_fpr": thresholds.target_false_positive_rate, "fpr": float(np.mean(normal_scores > thresholds.default)),
+        "calibration_rows": thresholds.calibration_rows, "calibrated_on": thresholds.calibrated_on,
         "test_normals": int(len(normal_scores)), "epochs": result.metrics.get("epochs_run"),
         "likelihood": result.metrics.get("likelihood"), "latent_dim": result.metrics.get("latent_dim"),
     }  # fmt: skip
@@ -160,6 +150,34 @@ def run_one(path: str, seed: int, max_train_rows: int, train_options: dict) -> d
     t = time.perf_counter()
     add("pca", pca_scores(x_train, x_test, seed), time.perf_counter() - t)
     return {"rows": rows, "threshold": threshold}
+
+
+def run(args) -> int:
+    """`vaeserve bench anomaly`: run, write the files, print the table and the means."""
+    import json
+
+    from vaeserve.errors import ConfigError
+
+    if args.seeds < 1 or args.jobs < 1:
+        raise ConfigError("--seeds and --jobs must be at least 1")
+    options = {}
+    for item in args.train_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--train-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    paths = resolve_datasets(args.datasets, args.adbench)
+    summary = run_bench(paths, args.seeds, args.out, args.jobs, args.max_train_rows or MAX_TRAIN_ROWS, options)
+    print((args.out / "results.md").read_text())
+    for m in summary["methods"]:
+        print(f"{m:<24} mean AUROC {100 * summary['overall'][m]['auroc']:.2f}  AUPRC {100 * summary['overall'][m]['auprc']:.2f}")
+    f = summary["fpr_overall"]
+    print(f"FPR at the default threshold {100 * f['fpr']:.2f}% (target {100 * f['target']:.2f}%); "
+          f"wall time {summary['wall_seconds']:.0f} s; written to {args.out}")
+    return 0
 
 
 def resolve_datasets(datasets: str | None, folder: str | None) -> list[Path]:

@@ -2,7 +2,7 @@
 
 Single-row Score at 1, 8 and 64 concurrent callers, batching on and off, beside a bare grpc.aio echo
 server carrying the same payload; 256-row Score at 8 callers beside raw ONNX Runtime in-process doing
-the same work (scoring.score on direct sessions); --workers 1 vs 2. Servers run as subprocesses of
+the same work (the version's Scorer on its own sessions); --workers 1 vs 2. Servers run as subprocesses of
 `vaeserve serve`; the load generator is one asyncio process on the same box with CONNECTIONS gRPC
 connections, as for the echo server.
 
@@ -11,133 +11,28 @@ measured in alternating rounds (--rounds); each point reports its median round, 
 is the median of the rounds' ratios. Loops are bounded by --seconds per point and round.
 """
 
-import argparse
 import contextlib
-import os
-from pathlib import Path
+
+from vaeserve.benchmarks.harness import free_port, start_server
 
 
-def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks (not tests)")
-    commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    serve = commands.add_parser("serve", help="gRPC service throughput and latency on loopback")
-    serve.add_argument("--repository", type=Path, default=Path(os.environ.get("VAESERVE_REPOSITORY", "models")))
-    serve.add_argument("--model", help="model to load (default: the first in the repository)")
-    serve.add_argument("--seconds", type=float, default=2.0, help="measured seconds per point (default 2)")
-    serve.add_argument("--rounds", type=int, default=3,
-                       help="alternating echo / Score rounds per single-row point, batching on (default 3)")
-    serve.add_argument("--callers", default="1,8,64", help="concurrent callers for single-row Score")
-    serve.add_argument("--max-queue-delay-ms", type=float, default=None,
-                       help="the server setting for batching on (default: the server's default)")
-    serve.add_argument("--json", action="store_true", help="also print the results as JSON")
-    serve.set_defaults(func=_bench_serve)
-
-    anomaly = commands.add_parser(
-        "anomaly",
-        help="anomaly-detection AUROC/AUPRC on ADBench-style data through the exported graphs, vs IsolationForest and PCA",
-        description="Train on 60%% of each dataset's normal rows with `vaeserve train` defaults, export, score the "
-        "rest through ONNX Runtime and vaeserve.scoring; writes results.csv, thresholds.csv, results.md and auroc.png.",
-    )
-    anomaly.add_argument("--datasets", help="comma-separated .npz files with X and y (1 = anomaly); default: the "
-                         "15-dataset ADBench set from --adbench")
-    anomaly.add_argument("--adbench", default=None, help="folder of the default datasets (default $VAESERVE_ADBENCH "
-                         "or ../shared/datasets/adbench)")
-    anomaly.add_argument("--seeds", type=int, default=5, help="seeds (splits and training) per dataset (default 5)")
-    anomaly.add_argument("--out", type=Path, default=Path("runs/bench-anomaly"), help="output folder")
-    anomaly.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: up to 2)")
-    anomaly.add_argument("--max-train-rows", type=int, default=None,
-                         help="vaeserve trains on at most this many rows, subsampled (default 4000)")
-    anomaly.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
-                         help="a `vaeserve train` setting for every dataset (experiments; the benchmark uses the defaults)")
-    anomaly.set_defaults(func=_bench_anomaly)
-
-
-def _bench_anomaly(args) -> int:
-    import json
-
-    from vaeserve.errors import ConfigError
-    from vaeserve.training import anomaly_bench
-
-    if args.seeds < 1 or args.jobs < 1:
-        raise ConfigError("--seeds and --jobs must be at least 1")
-    options = {}
-    for item in args.train_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--train-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    paths = anomaly_bench.resolve_datasets(args.datasets, args.adbench)
-    summary = anomaly_bench.run_bench(paths, args.seeds, args.out, args.jobs,
-                                      args.max_train_rows or anomaly_bench.MAX_TRAIN_ROWS, options)  # fmt: skip
-    print((args.out / "results.md").read_text())
-    for m in summary["methods"]:
-        print(f"{m:<24} mean AUROC {100 * summary['overall'][m]['auroc']:.2f}  AUPRC {100 * summary['overall'][m]['auprc']:.2f}")
-    f = summary["fpr_overall"]
-    print(f"FPR at the default threshold {100 * f['fpr']:.2f}% (target {100 * f['target']:.2f}%); "
-          f"wall time {summary['wall_seconds']:.0f} s; written to {args.out}")
-    return 0
-
-
-def _bench_serve(args) -> int:
+def run(args) -> int:
     import asyncio
     import json
 
+    from vaeserve.artifact.repository import newest, scan_repository
     from vaeserve.errors import ConfigError
-    from vaeserve.export.repository import newest, scan_repository
 
     if args.rounds < 1 or args.seconds <= 0:
         raise ConfigError("--rounds must be at least 1 and --seconds positive")
     found = scan_repository(args.repository)
-    name = args.model or sorted(found)[0]
-    version = newest(found[name])
+    if not found or (args.model and args.model not in found):
+        raise ConfigError(f"no valid version of {args.model or 'any model'} under {args.repository}")
+    version = newest(found[args.model or sorted(found)[0]])
     results = asyncio.run(_run_all(args, version))
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
-
-
-def _start(repository, port, metrics_port, **settings):
-    import subprocess
-    import sys
-
-    env = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1", VAESERVE_PORT=str(port),
-               VAESERVE_METRICS_PORT=str(metrics_port))  # fmt: skip
-    env.update({f"VAESERVE_{k.upper()}": str(v) for k, v in settings.items()})
-    return subprocess.Popen([sys.executable, "-m", "vaeserve.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-
-
-async def _wait_serving(target, process, timeout=60.0):
-    import asyncio
-
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while loop.time() < end:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            try:
-                if (await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{target} did not become SERVING")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CONNECTIONS = 4  # the load generator's gRPC connections, so --workers (SO_REUSEPORT) spreads load
@@ -220,22 +115,19 @@ def _echo_main(port: int) -> None:
 async def _run_all(args, version) -> dict:
     import asyncio
     import multiprocessing
-    import signal
 
     import grpc
     import numpy as np
 
-    from vaeserve.normalization import Normalizer
     from vaeserve.v1 import vaeserve_pb2 as pb
     from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
 
     manifest = version.manifest
-    features = manifest["input"]["features"]
-    normalizer = Normalizer.from_dict(manifest["normalization"])
+    features, support = manifest.input.features, manifest.support
     rng = np.random.default_rng(0)
 
-    def raw_rows(n):
-        return normalizer.invert(rng.standard_normal((n, features)).astype(np.float32))
+    def raw_rows(n):  # uniform inside the model's support
+        return (support.low + rng.random((n, features)) * (support.high - support.low)).astype(np.float32)
 
     def score_request(n):
         x = np.ascontiguousarray(raw_rows(n), "<f4")
@@ -244,7 +136,7 @@ async def _run_all(args, version) -> dict:
     single, bulk = score_request(1), score_request(256)
     callers = [int(c) for c in args.callers.split(",")]
     results: dict = {"model": version.name, "features": features, "payload_bytes": single.ByteSize()}
-    print(f"model {version.name} v{version.version} ({manifest['model']['kind']}, {features} features); "
+    print(f"model {version.name} v{version.version} ({manifest.model.kind}, {features} features); "
           f"single-row Score request {single.ByteSize()} bytes; {args.seconds:g} s per point")  # fmt: skip
 
     def report(label, r):
@@ -253,7 +145,7 @@ async def _run_all(args, version) -> dict:
 
     # Bare grpc.aio echo server, same payload, in its own process like the real server; it idles while
     # it is not the one being measured.
-    port = _free_port()
+    port = free_port()
     echo = multiprocessing.get_context("spawn").Process(target=_echo_main, args=(port,), daemon=True)
     echo.start()
     payload = single.SerializeToString()
@@ -266,11 +158,10 @@ async def _run_all(args, version) -> dict:
             async def against(label, settings, plan, paired=False):
                 """Load a server started with `settings` with each point of `plan`; when `paired`, single-row
                 points take --rounds rounds, each after a round on the echo server with the same callers."""
-                port, metrics_port = _free_port(), _free_port()
-                process = _start(args.repository, port, metrics_port, **settings)
-                target = f"127.0.0.1:{port}"
+                server = start_server(args.repository, **settings)
+                target = server.target
                 try:
-                    await _wait_serving(target, process)
+                    await asyncio.to_thread(server.wait_serving)
                     print(label)
                     async with _channels(target) as score_channels:
                         stubs = [pb_grpc.InferenceStub(c) for c in score_channels]
@@ -288,8 +179,7 @@ async def _run_all(args, version) -> dict:
                             print(f"  {'':<44} to echo: {ratio:.2f} (rounds: "
                                   f"{', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
                 finally:
-                    process.send_signal(signal.SIGTERM)
-                    process.wait(60)
+                    server.stop(60)
 
             only = {"warmup_rows": 64}
             from vaeserve.service.settings import Settings
@@ -327,28 +217,18 @@ def _median_round(rounds: list[dict]) -> dict:
 
 
 def _raw_ort(version, request, seconds):
+    """The Score of `request`'s rows on the version's own Scorer in this process: no gRPC, no batcher."""
     import time
 
     import numpy as np
 
-    from vaeserve import scoring
-    from vaeserve.normalization import Normalizer
-    from vaeserve.service.runtime import Graph, scoring_callables
+    from vaeserve.artifact.runtime import Model
 
-    manifest = version.manifest
-    encoder, decoder = Graph(version.encoder_path), Graph(version.decoder_path)
-    normalizer = Normalizer.from_dict(manifest["normalization"])
-    t = manifest["thresholds"]
-    labels = manifest.get("labels")
-    prior = np.asarray(labels["prior"]) if labels and "y" in encoder.inputs else None
-
-    encode, decode = scoring_callables(encoder, decoder)
+    scorer = Model(version).scorer
     rows = len(request.x.data) // 4 // request.x.shape[1]
 
     def one():
-        x = np.frombuffer(request.x.data, "<f4").reshape(tuple(request.x.shape))
-        scoring.score(normalizer.apply(x), encode, decode, manifest["model"]["likelihood"], class_prior=prior,
-                      elbo_samples=t.get("elbo_samples", scoring.ELBO_SAMPLES), seed=t.get("seed", scoring.SEED))  # fmt: skip
+        scorer.score(np.frombuffer(request.x.data, "<f4").reshape(tuple(request.x.shape)))
 
     latencies = []
     one()

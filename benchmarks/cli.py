@@ -1,0 +1,72 @@
+"""`vaeserve bench ...`: every benchmark's flags, in one place; each command imports its module when run."""
+
+import argparse
+import importlib
+import os
+from pathlib import Path
+
+
+def _runner(module: str):
+    def run(args) -> int:
+        return importlib.import_module(f"vaeserve.benchmarks.{module}").run(args)
+
+    return run
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks (not tests)", description=importlib.import_module(__package__).__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    repository = Path(os.environ.get("VAESERVE_REPOSITORY", "models"))
+
+    serve = commands.add_parser("serve", help="gRPC service throughput and latency on loopback")
+    serve.add_argument("--repository", type=Path, default=repository)
+    serve.add_argument("--model", help="model to load (default: the first in the repository)")
+    serve.add_argument("--seconds", type=float, default=2.0, help="measured seconds per point (default 2)")
+    serve.add_argument("--rounds", type=int, default=3,
+                       help="alternating echo / Score rounds per single-row point, batching on (default 3)")
+    serve.add_argument("--callers", default="1,8,64", help="concurrent callers for single-row Score")
+    serve.add_argument("--max-queue-delay-ms", type=float, default=None,
+                       help="the server setting for batching on (default: the server's default)")
+    serve.add_argument("--json", action="store_true", help="also print the results as JSON")
+    serve.set_defaults(func=_runner("serving"))
+
+    anomaly = commands.add_parser(
+        "anomaly",
+        help="anomaly-detection AUROC/AUPRC on ADBench-style data through the exported graphs, vs IsolationForest and PCA",
+        description="Train on 60%% of each dataset's normal rows with `vaeserve train` defaults, export, score the "
+        "rest with the exported version's Scorer; writes results.csv, thresholds.csv, results.md and auroc.png.",
+    )
+    anomaly.add_argument("--datasets", help="comma-separated .npz files with X and y (1 = anomaly); default: the "
+                         "15-dataset ADBench set from --adbench")
+    anomaly.add_argument("--adbench", default=None, help="folder of the default datasets (default $VAESERVE_ADBENCH "
+                         "or ../shared/datasets/adbench)")
+    anomaly.add_argument("--seeds", type=int, default=5, help="seeds (splits and training) per dataset (default 5)")
+    anomaly.add_argument("--out", type=Path, default=Path("runs/bench-anomaly"), help="output folder")
+    anomaly.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: up to 2)")
+    anomaly.add_argument("--max-train-rows", type=int, default=None,
+                         help="vaeserve trains on at most this many rows, subsampled (default 4000)")
+    anomaly.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="a `vaeserve train` setting for every dataset (experiments; the benchmark uses the defaults)")
+    anomaly.set_defaults(func=_runner("anomaly"))
+
+    extremes = commands.add_parser("extremes", help="rows with one feature far outside the training range: flagged, never NaN?",
+                                   description=importlib.import_module("vaeserve.benchmarks.extremes").__doc__)  # fmt: skip
+    extremes.add_argument("--repository", type=Path, default=repository)
+    extremes.add_argument("--model", help="comma-separated models (default: every model in the repository)")
+    extremes.add_argument("--rows", type=Path, help="CSV or NPY of real raw rows to perturb (default: uniform in the support)")
+    extremes.add_argument("--base-rows", type=int, default=16, help="rows to perturb, each feature in turn (default 16)")
+    extremes.set_defaults(func=_runner("extremes"))
+
+    fuzz = commands.add_parser("fuzz", help="mutated requests against every RPC: no INTERNAL or UNKNOWN, server still up",
+                               description=importlib.import_module("vaeserve.benchmarks.fuzz").__doc__)  # fmt: skip
+    fuzz.add_argument("--repository", type=Path, default=repository)
+    fuzz.add_argument("--requests", type=int, default=10_000, help="mutated requests to send (default 10000)")
+    fuzz.add_argument("--seconds", type=float, default=600.0, help="stop sending after this long (default 600)")
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--out", type=Path, default=Path("runs/bench-fuzz"), help="folder for the server's log")
+    fuzz.set_defaults(func=_runner("fuzz"))
+
+    from vaeserve.benchmarks import fashion_mnist  # light: its heavy imports are inside run()
+
+    fashion_mnist.register(commands)

@@ -1,0 +1,78 @@
+"""`vaeserve bench extremes`: can an out-of-range row slip past the anomaly detector?
+
+Serves a repository (a `vaeserve serve` subprocess) and, for every model, takes rows inside its support
+(--rows FILE of real rows, clipped into the support; without it, rows drawn uniformly inside the
+support, which may be anomalous already) and, one feature at a time, sets that feature
+to +-1e6, +-1e38, or one float32 step past the training range at either end. Every such row is sent to
+Score over gRPC, label-free for a CVAE, with per-feature scores. Reported per model and perturbation:
+how many rows were flagged at the default threshold, how many scores were NaN, how many scored below
+the same row inside the support, and how many had their per-feature +inf exactly at the changed feature.
+"""
+
+import numpy as np
+
+PERTURBATIONS = ("+1e6", "-1e6", "+1e38", "-1e38", "just above", "just below")
+REQUEST_ROWS = 512
+
+
+def perturbed(base: np.ndarray, low: np.ndarray, high: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every base row with one feature changed: ([rows * features, features], index of the feature changed)."""
+    rows, features = base.shape
+    x = np.repeat(base, features, axis=0)
+    feature = np.tile(np.arange(features), rows)
+    at = np.arange(len(x)), feature
+    if kind == "just above":
+        x[at] = np.nextafter(high[feature], np.float32(np.inf))
+    elif kind == "just below":
+        x[at] = np.nextafter(low[feature], np.float32(-np.inf))
+    else:
+        x[at] = np.float32(float(kind))
+    return x, feature
+
+
+def run(args) -> int:
+    from vaeserve.artifact.repository import newest, scan_repository
+    from vaeserve.benchmarks.harness import start_server
+    from vaeserve.errors import ConfigError
+    from vaeserve.service.client import Client
+    from vaeserve.service.cli import read_rows
+
+    found = scan_repository(args.repository)
+    names = args.model.split(",") if args.model else sorted(found)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ConfigError(f"no valid version of {', '.join(missing)} under {args.repository}")
+    server = start_server(args.repository)
+    failures = 0
+    try:
+        server.wait_serving()
+        with Client(server.target, timeout=120) as client:
+            print(f"{'model':<14} {'perturbation':<12} {'rows':>6} {'flagged':>8} {'NaN':>5} {'< inside':>9} {'+inf at it':>11}")
+            for name in names:
+                m = newest(found[name]).manifest
+                low, high = m.support.low, m.support.high
+                if args.rows:
+                    base = np.clip(read_rows(args.rows)[: args.base_rows], low, high)  # rows inside the support
+                else:
+                    rng = np.random.default_rng(0)
+                    base = (low + rng.random((args.base_rows, len(low))) * (high - low)).astype(np.float32)
+                inside = client.score(name, base)
+                print(f"{name:<14} {'(none)':<12} {len(base):>6} {int(inside.is_anomaly.sum()):>8}   <- the rows inside the support")
+                inside = inside.neg_elbo
+                for kind in PERTURBATIONS:
+                    x, feature = perturbed(base, low, high, kind)
+                    parts = [client.score(name, x[i : i + REQUEST_ROWS], per_feature=True) for i in range(0, len(x), REQUEST_ROWS)]
+                    score = np.concatenate([p.neg_elbo for p in parts])
+                    flagged = np.concatenate([p.is_anomaly for p in parts])
+                    per_feature = np.concatenate([p.per_feature for p in parts])
+                    at_feature = np.isinf(per_feature[np.arange(len(x)), feature]) & (np.isinf(per_feature).sum(axis=1) == 1)
+                    below = np.sum(score < np.repeat(inside, len(low)))
+                    nan = int(np.isnan(score).sum())
+                    failures += int((~flagged).sum()) + nan + int(below)
+                    print(f"{name:<14} {kind:<12} {len(x):>6} {int(flagged.sum()):>8} {nan:>5} {int(below):>9} "
+                          f"{int(at_feature.sum()):>11}")  # fmt: skip
+    finally:
+        server.stop()
+    print("every perturbed row flagged, none NaN, none below its row inside the support" if failures == 0
+          else f"{failures} failures (rows not flagged, NaN, or below the row inside the support)")  # fmt: skip
+    return 0 if failures == 0 else 1

@@ -1,0 +1,103 @@
+"""A real `vaeserve serve` as a subprocess on loopback, for the benchmarks and the tests: started from
+VAESERVE_* variables as a deployment would, watched through grpc.health.v1, /metrics and /proc."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+    log: Path | None = None  # the server's stdout and stderr, when kept
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log is not None and self.log.exists() else ""
+
+    def health(self, service: str = "") -> int | None:
+        """The health status, or None while nothing answers."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+            except grpc.RpcError:
+                return None
+
+    def wait_serving(self, timeout: float = 60.0) -> list[int | None]:
+        """Poll health until SERVING; the statuses seen on the way."""
+        from grpc_health.v1 import health_pb2
+
+        seen, end = [], time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vaeserve serve exited with {self.process.returncode}\n{self.log_text()}")
+            status = self.health()
+            seen.append(status)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return seen
+            time.sleep(0.05)
+        raise TimeoutError(f"vaeserve serve not SERVING after {timeout} s\n{self.log_text()}")
+
+    def metrics(self) -> dict:
+        """{(sample name, sorted labels): value} from the metrics port, through prometheus_client's parser."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def memory(self) -> dict[str, int]:
+        """Resident set size now and at its peak (VmRSS, VmHWM), in bytes, from /proc."""
+        fields = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+        return fields
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, as Kubernetes and `docker stop` send it; the exit status after the drain."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start_server(repository: Path, *, log: Path | None = None, entry_point: bool = False, **settings) -> ServerProcess:
+    """`vaeserve serve` on free loopback ports, settings as VAESERVE_* variables. `entry_point` runs the
+    installed console script (as the image does) instead of `python -m vaeserve.cli`."""
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1",
+               VAESERVE_PORT=str(port), VAESERVE_METRICS_PORT=str(metrics_port))  # fmt: skip
+    env.update({f"VAESERVE_{name.upper()}": str(value) for name, value in settings.items()})
+    command = [str(Path(sys.executable).with_name("vaeserve"))] if entry_point else [sys.executable, "-m", "vaeserve.cli"]
+    out = open(log, "w") if log is not None else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen([*command, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log is not None:
+            out.close()
+    return ServerProcess(process, port, metrics_port, log)

@@ -1,0 +1,447 @@
+"""manifest.json as frozen, typed dataclasses: what a model version is. Written last by export, so its
+presence marks a version complete; the schema is documented in docs/model-repository.md.
+
+`Manifest.from_dict` is the one reader. A missing key, an unknown key, a wrong type or an impossible
+value (a non-finite threshold, a scale <= 0, lengths that disagree with the feature count, an unknown
+likelihood, a graph file outside the version folder, graph inputs and outputs other than the contract
+of `graph_contract`) raises ArtifactError naming the key. Whatever loads here can be served: nothing
+downstream reads the JSON by hand. No torch, no ONNX Runtime.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaeserve.errors import ArtifactError
+from vaeserve.normalization import Normalizer, Support
+from vaeserve.scoring import LIKELIHOODS, decoder_outputs
+
+SCHEMA_VERSION = 2  # 2: support, scoring section, class prior moved from labels to scoring
+MANIFEST = "manifest.json"
+KINDS = ("vae", "cvae", "ppca")
+SCORES = ("neg_elbo", "neg_iw")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Corrupt(Exception):
+    """A manifest problem, naming the key; read_manifest adds the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A float32 tensor [batch, width] with a dynamic batch axis."""
+
+    name: str
+    width: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": [-1, self.width], "dtype": "float32"}
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    file: str  # a file name inside the version folder
+    sha256: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}  # fmt: skip
+
+
+def graph_contract(features: int, latent_dim: int, likelihood: str, classes: int = 0) -> dict[str, tuple]:
+    """{graph: (inputs, outputs)} every model version's two graphs have:
+
+        encoder   x [N, features] (, y [N, classes])  ->  mu, logvar [N, latent_dim]
+        decoder   z [N, latent_dim] (, y)             ->  scoring.decoder_outputs(likelihood), each [N, features]
+    """
+    label = (TensorInfo("y", classes),) if classes else ()
+    return {
+        "encoder": ((TensorInfo("x", features), *label), (TensorInfo("mu", latent_dim), TensorInfo("logvar", latent_dim))),
+        "decoder": ((TensorInfo("z", latent_dim), *label), tuple(TensorInfo(n, features) for n in decoder_outputs(likelihood))),
+    }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: str  # vae | cvae | ppca
+    arch: str  # mlp | conv (informational)
+    latent_dim: int
+    likelihood: str  # gaussian | gaussian-fixed | bernoulli
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    features: int
+    feature_names: tuple[str, ...]
+    image_shape: tuple[int, int, int] | None  # (channels, height, width) when rows are images
+
+    def to_dict(self) -> dict:
+        return {"features": self.features, "dtype": "float32", "shape": [-1, self.features],
+                "image_shape": None if self.image_shape is None else list(self.image_shape),
+                "feature_names": list(self.feature_names)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScoringInfo:
+    """What Score needs beyond the graphs, and what the thresholds were calibrated with."""
+
+    elbo_samples: int  # posterior samples of the ELBO's reconstruction term
+    iw_samples: int  # K of the importance-weighted bound the neg_iw quantiles were calibrated at
+    seed: int  # of the posterior noise
+    class_prior: tuple[float, ...] | None  # CVAE: p(y) for label-free scoring, in label order
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    score: str  # the score `default` applies to: neg_elbo
+    default: float
+    target_false_positive_rate: float
+    quantiles: dict[str, dict[str, float]]  # score -> quantile ("0.99") -> value
+    calibration_rows: int
+    calibrated_on: str
+    label_free: bool
+
+
+@dataclass(frozen=True)
+class Parity:
+    batch_sizes: tuple[int, ...]
+    tolerance: float
+    max_abs_diff: dict[str, float]  # "graph.output" -> max |ONNX Runtime - torch|
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    created: str
+    model: ModelInfo
+    input: InputInfo
+    labels: tuple[str, ...] | None  # CVAE label names, in one-hot order
+    normalization: Normalizer
+    support: Support
+    scoring: ScoringInfo
+    encoder: GraphInfo
+    decoder: GraphInfo
+    opset: int
+    exporter: str
+    producer: dict[str, str]
+    parity: Parity
+    source_checkpoint: dict[str, str]  # path, sha256
+    thresholds: Thresholds
+
+    @property
+    def conditional(self) -> bool:
+        return self.model.kind == "cvae"
+
+    @property
+    def graphs(self) -> dict[str, GraphInfo]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+    def to_dict(self) -> dict:
+        t = self.thresholds
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "model": {"kind": self.model.kind, "arch": self.model.arch, "latent_dim": self.model.latent_dim,
+                      "likelihood": self.model.likelihood},  # fmt: skip
+            "input": self.input.to_dict(),
+            "labels": None if self.labels is None else {"names": list(self.labels)},
+            "normalization": self.normalization.to_dict(),
+            "support": self.support.to_dict(),
+            "scoring": {"elbo_samples": self.scoring.elbo_samples, "iw_samples": self.scoring.iw_samples,
+                        "seed": self.scoring.seed,
+                        "class_prior": None if self.scoring.class_prior is None else list(self.scoring.class_prior)},  # fmt: skip
+            "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
+            "opset": self.opset,
+            "exporter": self.exporter,
+            "producer": dict(self.producer),
+            "parity": {"batch_sizes": list(self.parity.batch_sizes), "tolerance": self.parity.tolerance,
+                       "max_abs_diff": dict(self.parity.max_abs_diff)},  # fmt: skip
+            "source_checkpoint": dict(self.source_checkpoint),
+            "thresholds": {"score": t.score, "default": t.default, "target_false_positive_rate": t.target_false_positive_rate,
+                           "quantiles": {s: dict(q) for s, q in t.quantiles.items()}, "calibration_rows": t.calibration_rows,
+                           "calibrated_on": t.calibrated_on, "label_free": t.label_free},  # fmt: skip
+        }
+
+    @classmethod
+    def from_dict(cls, d) -> "Manifest":
+        """Read and check a parsed manifest.json; ArtifactError("corrupt manifest: <key> ...")."""
+        try:
+            return _read(d)
+        except _Corrupt as err:
+            raise ArtifactError(f"corrupt manifest: {err}") from None
+
+
+# Reading: one helper per JSON type, each naming the key it reads.
+
+
+class _Object:
+    """A JSON object read key by key; `done()` refuses the keys nobody asked for."""
+
+    def __init__(self, value, where: str):
+        if not isinstance(value, dict):
+            raise _Corrupt(f"{where + ': ' if where else ''}expected a JSON object, got {_type(value)}")
+        self.value, self.where, self.seen = value, where, set()
+
+    def key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kinds: tuple, expected: str, nullable: bool = False):
+        if key not in self.value:
+            raise _Corrupt(f"{self.key(key)} is missing")
+        self.seen.add(key)
+        value = self.value[key]
+        if value is None and nullable:
+            return None
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise _Corrupt(f"{self.key(key)} has the wrong type ({_type(value)}; expected {expected})")
+        return value
+
+    def integer(self, key: str, minimum: int = 0) -> int:
+        value = self.get(key, (int,), "an integer")
+        if value < minimum:
+            raise _Corrupt(f"{self.key(key)} must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, check: Callable[[float], bool] = math.isfinite, rule: str = "finite") -> float:
+        value = self.get(key, (int, float), "a number")
+        if not math.isfinite(value) or not check(value):
+            raise _Corrupt(f"{self.key(key)} must be {rule}, got {value!r}")
+        return float(value)
+
+    def string(self, key: str, choices: tuple[str, ...] | None = None, pattern: re.Pattern | None = None) -> str:
+        value = self.get(key, (str,), "a string")
+        if choices is not None and value not in choices:
+            raise _Corrupt(f"{self.key(key)} is {_cut(value)!r}; expected one of {', '.join(choices)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise _Corrupt(f"{self.key(key)} {_cut(value)!r} is not a valid value")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        return self.get(key, (bool,), "true or false")
+
+    def items(self, key: str, item: type, length: int | None = None, nullable: bool = False) -> tuple | None:
+        value = self.get(key, (list,), "a list", nullable)
+        if value is None:
+            return None
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise _Corrupt(f"{self.key(key)}: every item must be {'a number' if isinstance(item, tuple) else 'a ' + item.__name__}")
+        if length is not None and len(value) != length:
+            raise _Corrupt(f"{self.key(key)} has {len(value)} items; expected {length}")
+        return tuple(value)
+
+    def object(self, key: str, nullable: bool = False) -> "_Object | None":
+        value = self.get(key, (dict,), "an object", nullable)
+        return None if value is None else _Object(value, self.key(key))
+
+    def section(self, key: str, parse, *args):
+        """A section read by a class's own from_dict (which raises ValueError naming its key)."""
+        value = self.get(key, (dict,), "an object")
+        try:
+            return parse(value, *args)
+        except ValueError as err:
+            raise _Corrupt(f"{self.key(key)}.{err}") from None
+
+    def mapping(self, key: str, read_value: Callable[["_Object", str], object]) -> dict:
+        section = self.object(key)
+        return {k: read_value(section, k) for k in list(section.value)}
+
+    def done(self):
+        unknown = sorted(set(self.value) - self.seen)
+        if unknown:
+            raise _Corrupt(f"{self.key(unknown[0])} is not a known key")
+
+
+def _type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _cut(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read(d) -> Manifest:
+    top = _Object(d, "")
+    version = top.get("schema_version", (int,), "an integer")
+    if version != SCHEMA_VERSION:
+        hint = ""
+        if version == 1:
+            source = d.get("source_checkpoint") if isinstance(d.get("source_checkpoint"), dict) else {}
+            hint = (f" (written by an older vaeserve, without the model's support); re-export it: "
+                    f"vaeserve export {source.get('path', 'CHECKPOINT')} --repository REPOSITORY --name {d.get('name', 'NAME')}")  # fmt: skip
+        raise _Corrupt(f"schema_version {version!r} is not supported; this vaeserve reads {SCHEMA_VERSION}{hint}")
+
+    m = top.object("model")
+    model = ModelInfo(m.string("kind", KINDS), m.string("arch"), m.integer("latent_dim", 1), m.string("likelihood", LIKELIHOODS))
+    m.done()
+
+    i = top.object("input")
+    features = i.integer("features", 1)
+    i.string("dtype", ("float32",))
+    if i.items("shape", int) != (-1, features):
+        raise _Corrupt(f"input.shape must be [-1, {features}]")
+    image_shape = i.items("image_shape", int, 3, nullable=True)
+    if image_shape is not None and (min(image_shape) < 1 or math.prod(image_shape) != features):
+        raise _Corrupt(f"input.image_shape {list(image_shape)} does not hold {features} features")
+    inputs = InputInfo(features, i.items("feature_names", str, features), image_shape)
+    i.done()
+
+    conditional = model.kind == "cvae"
+    lab = top.object("labels", nullable=True)
+    labels = None
+    if lab is not None:
+        labels = lab.items("names", str)
+        lab.done()
+    if conditional and (labels is None or len(labels) < 2 or len(set(labels)) != len(labels)):
+        raise _Corrupt("labels.names: a cvae needs at least 2 distinct label names")
+    if not conditional and labels is not None:
+        raise _Corrupt(f"labels must be null for a {model.kind}")
+
+    normalization = top.section("normalization", Normalizer.from_dict, features)
+    support = top.section("support", Support.from_dict, features)
+
+    s = top.object("scoring")
+    classes = len(labels) if conditional else 0
+    prior = s.items("class_prior", (int, float), classes if conditional else None, nullable=True)
+    if conditional:
+        if prior is None or not all(math.isfinite(p) and p > 0 for p in prior) or abs(sum(prior) - 1) > 1e-6:
+            raise _Corrupt("scoring.class_prior: a cvae needs one finite probability > 0 per label, summing to 1")
+    elif prior is not None:
+        raise _Corrupt(f"scoring.class_prior must be null for a {model.kind}")
+    scoring = ScoringInfo(s.integer("elbo_samples", 1), s.integer("iw_samples", 1), s.integer("seed"), prior)
+    s.done()
+
+    g = top.object("graphs")
+    contract = graph_contract(features, model.latent_dim, model.likelihood, classes)
+    graphs = {name: _graph(g, name, *contract[name]) for name in ("encoder", "decoder")}
+    g.done()
+
+    t = top.object("thresholds")
+    quantiles = t.mapping("quantiles", lambda section, score: _quantiles(section, score))
+    if not set(quantiles) <= set(SCORES):
+        raise _Corrupt(f"thresholds.quantiles: unknown score {sorted(set(quantiles) - set(SCORES))[0]!r}")
+    thresholds = Thresholds(
+        t.string("score", ("neg_elbo",)), t.number("default"),
+        t.number("target_false_positive_rate", lambda v: 0 < v < 1, "in (0, 1)"),
+        quantiles, t.integer("calibration_rows", 1), t.string("calibrated_on"), t.boolean("label_free"),
+    )  # fmt: skip
+    t.done()
+
+    p = top.object("parity")
+    parity = Parity(p.items("batch_sizes", int), p.number("tolerance", lambda v: v >= 0, "finite and >= 0"),
+                    p.mapping("max_abs_diff", lambda section, key: section.number(key, lambda v: v >= 0, "finite and >= 0")))  # fmt: skip
+    p.done()
+
+    manifest = Manifest(
+        name=top.string("name", pattern=NAME_PATTERN), version=top.integer("version", 1), created=top.string("created"),
+        model=model, input=inputs, labels=labels, normalization=normalization, support=support, scoring=scoring,
+        encoder=graphs["encoder"], decoder=graphs["decoder"], opset=top.integer("opset", 1), exporter=top.string("exporter"),
+        producer=top.mapping("producer", lambda section, key: section.string(key)), parity=parity,
+        source_checkpoint=top.mapping("source_checkpoint", lambda section, key: section.string(key)), thresholds=thresholds,
+    )  # fmt: skip
+    top.done()
+    return manifest
+
+
+def _quantiles(section: _Object, score: str) -> dict[str, float]:
+    q = section.object(score)
+    values = {}
+    for key in list(q.value):
+        try:
+            level = float(key)
+        except ValueError:
+            level = math.nan
+        if not 0 < level < 1:
+            raise _Corrupt(f"{q.key(key)}: a quantile level must be a number in (0, 1)")
+        values[key] = q.number(key)
+    return values
+
+
+def _graph(graphs: _Object, name: str, inputs: tuple, outputs: tuple) -> GraphInfo:
+    g = graphs.object(name)
+    file = g.string("file")
+    if Path(file).name != file or file in (".", "..") or os.sep in file or "/" in file:
+        raise _Corrupt(f"{g.key('file')} {_cut(file)!r} must be a file name inside the version folder")
+    info = GraphInfo(file, g.string("sha256", pattern=_SHA256), _tensors(g, "inputs"), _tensors(g, "outputs"))
+    g.done()
+    for side, want in (("inputs", inputs), ("outputs", outputs)):
+        got = getattr(info, side)
+        if got != want:
+            shown = ", ".join(f"{t.name} [-1, {t.width}]" for t in want)
+            raise _Corrupt(f"{g.key(side)} are not this model's: expected {shown}")
+    return info
+
+
+def _tensors(graph: _Object, key: str) -> tuple[TensorInfo, ...]:
+    tensors = []
+    for index, item in enumerate(graph.items(key, dict)):
+        t = _Object(item, f"{graph.key(key)}[{index}]")
+        name = t.string("name")
+        shape = t.items("shape", int, 2)
+        t.string("dtype", ("float32",))
+        t.done()
+        if shape[0] != -1 or shape[1] < 1:
+            raise _Corrupt(f"{t.key('shape')} must be [-1, width], got {list(shape)}")
+        tensors.append(TensorInfo(name, shape[1]))
+    return tuple(tensors)
+
+
+# Files.
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write folder/manifest.json atomically: a reader sees no file or the whole file."""
+    path = folder / MANIFEST
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest holds a few numbers per feature; anything larger is not one
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read and check folder/manifest.json; ArtifactError naming the file when missing, corrupt or wrong."""
+    path = folder / MANIFEST
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})")
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; the version is incomplete") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as err:
+        raise ArtifactError(f"{path}: corrupt JSON ({err})") from None
+    try:
+        return Manifest.from_dict(data)
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
