@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     anomaly.set_defaults(func=_runner("anomaly"))
 
     extremes = commands.add_parser("extremes", help="rows with one feature far outside the training range: flagged, never NaN?",
-                                   description=importlib.import_module("vaeserve.benchmarks.extremes").__doc__)  # fmt: skip
+                                   description=importlib.import_module("vaeserve.benchmarks.extremes").__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     extremes.add_argument("--repository", type=Path, default=repository)
     extremes.add_argument("--model", help="comma-separated models (default: every model in the repository)")
     extremes.add_argument("--rows", type=Path, help="CSV or NPY of real raw rows to perturb (default: uniform in the support)")
@@ -59,13 +60,23 @@ def register(subparsers) -> None:
     extremes.set_defaults(func=_runner("extremes"))
 
     fuzz = commands.add_parser("fuzz", help="mutated requests against every RPC: no INTERNAL or UNKNOWN, server still up",
-                               description=importlib.import_module("vaeserve.benchmarks.fuzz").__doc__)  # fmt: skip
+                               description=importlib.import_module("vaeserve.benchmarks.fuzz").__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     fuzz.add_argument("--repository", type=Path, default=repository)
     fuzz.add_argument("--requests", type=int, default=10_000, help="mutated requests to send (default 10000)")
     fuzz.add_argument("--seconds", type=float, default=600.0, help="stop sending after this long (default 600)")
     fuzz.add_argument("--seed", type=int, default=0)
     fuzz.add_argument("--out", type=Path, default=Path("runs/bench-fuzz"), help="folder for the server's log")
     fuzz.set_defaults(func=_runner("fuzz"))
+
+    memory = commands.add_parser("memory", help="server memory under the largest requests the defaults accept",
+                                 description=importlib.import_module("vaeserve.benchmarks.memory").__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    memory.add_argument("--repository", type=Path, default=repository)
+    memory.add_argument("--burst", type=int, default=4, help="concurrent copies of each largest request (default 4)")
+    memory.add_argument("--pause", type=float, default=3.0, help="idle seconds before reading memory again (default 3)")
+    memory.add_argument("--out", type=Path, default=Path("runs/bench-memory"), help="folder for the server's log")
+    memory.set_defaults(func=_runner("memory"))
 
     from vaeserve.benchmarks import fashion_mnist  # light: its heavy imports are inside run()
 

@@ -238,7 +238,7 @@ class DynamicBatcher:
         self._answer(batch, rows, start, result, err)
         self._computing.set_result(None)
         self._computing = None
-        memory.release_when_idle(self._loop or asyncio.get_running_loop())  # a large batch freed its temporaries
+        memory.large_batch_done()
         self._schedule()
 
     def _answer(self, batch: list[_Request], rows: int, start: float, result, err: Exception | None) -> None:

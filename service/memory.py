@@ -1,18 +1,16 @@
 """Giving memory back to the kernel once a burst of big requests is over.
 
 glibc keeps the memory freed by big batches (NumPy temporaries, gRPC message buffers) in its heaps:
-after a burst of large requests the process stays at its peak. `release_when_idle` arms one timer; when
-no large batch has finished for IDLE_SECONDS, malloc_trim(0) returns the free pages of every arena.
-Under steady large-batch load the timer keeps moving, so the heap is not handed back between batches
-(which would make each batch fault its pages in again). Without glibc it does nothing.
+after a burst of large requests the process would stay near its peak. A batch that ran in the executor
+marks the heap as holding such memory (`large_batch_done`); when the last RPC in flight has finished
+(`rpcs_idle`), a timer is armed, and IDLE_SECONDS later malloc_trim(0) returns the free pages of every
+arena. While large requests keep coming the server is never idle, so the heap is not handed back
+between batches (which would make each batch fault its pages in again). Without glibc it does nothing.
 """
 
 import asyncio
 import ctypes
 import ctypes.util
-import logging
-
-log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 1.0
 
@@ -22,6 +20,7 @@ try:
 except (OSError, AttributeError):  # not glibc
     _malloc_trim = None
 
+_held = False  # a large batch ran since the last trim was armed
 _timer: asyncio.TimerHandle | None = None
 
 
@@ -30,11 +29,17 @@ def trim() -> None:
         _malloc_trim(0)
 
 
-def release_when_idle(loop: asyncio.AbstractEventLoop) -> None:
-    """(Re)arm the trim for IDLE_SECONDS from now; call on the loop after a large batch."""
-    global _timer
-    if _malloc_trim is None:
+def large_batch_done() -> None:
+    global _held
+    _held = _malloc_trim is not None
+
+
+def rpcs_idle(loop: asyncio.AbstractEventLoop) -> None:
+    """No RPC is in flight: trim IDLE_SECONDS from now if a large batch ran since the last time."""
+    global _held, _timer
+    if not _held:
         return
+    _held = False
     if _timer is not None:
         _timer.cancel()
     _timer = loop.call_later(IDLE_SECONDS, trim)

@@ -12,7 +12,7 @@ import time
 import grpc
 
 from vaeserve.errors import InvalidInput, ModelNotFound, ModelNotReady, QueueFull, VaeserveError
-from vaeserve.service import metrics
+from vaeserve.service import memory, metrics
 from vaeserve.service.batching import RequestExpired
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ STATUS = {
     RequestExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+_in_flight = 0  # RPCs inside a handler, on this event loop
 
 
 def status_of(err: VaeserveError) -> grpc.StatusCode:
@@ -47,6 +48,8 @@ def rpc(method):
 
     @functools.wraps(method)
     async def handler(self, request, context):
+        global _in_flight
+        _in_flight += 1
         start = time.perf_counter()
         model = getattr(request, "model", "")
         if model not in self.model_names:
@@ -70,5 +73,8 @@ def rpc(method):
         finally:
             requests(model, code.name).inc()
             latency(model).observe(time.perf_counter() - start)
+            _in_flight -= 1
+            if _in_flight == 0:
+                memory.rpcs_idle(asyncio.get_running_loop())
 
     return handler
