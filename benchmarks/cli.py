@@ -1,4 +1,4 @@
-"""`vaeserve bench ...`: every benchmark's flags, in one place; each command imports its module when run."""
+"""`vaeserve bench ...`: every benchmark's flags, in one place; each command is its module's run(args)."""
 
 import argparse
 import importlib
@@ -6,21 +6,22 @@ import os
 from pathlib import Path
 
 
-def _runner(module: str):
-    def run(args) -> int:
-        return importlib.import_module(f"vaeserve.benchmarks.{module}").run(args)
-
-    return run
-
-
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (not tests)", description=importlib.import_module(__package__).__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    repository = Path(os.environ.get("VAESERVE_REPOSITORY", "models"))
 
-    serve = commands.add_parser("serve", help="gRPC service throughput and latency on loopback")
-    serve.add_argument("--repository", type=Path, default=repository)
+    def command(name: str, module: str, help: str, repository: bool = True) -> argparse.ArgumentParser:
+        """A `vaeserve bench NAME` parser: described by its module's docstring, run by its module's run(args)."""
+        code = importlib.import_module(f"vaeserve.benchmarks.{module}")
+        p = commands.add_parser(name, help=help, description=code.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=code.run)
+        if repository:
+            p.add_argument("--repository", type=Path, default=Path(os.environ.get("VAESERVE_REPOSITORY", "models")),
+                           help="model repository (default $VAESERVE_REPOSITORY or models)")  # fmt: skip
+        return p
+
+    serve = command("serve", "serving", "gRPC service throughput and latency on loopback")
     serve.add_argument("--model", help="model to load (default: the first in the repository)")
     serve.add_argument("--seconds", type=float, default=2.0, help="measured seconds per point (default 2)")
     serve.add_argument("--rounds", type=int, default=3,
@@ -29,14 +30,9 @@ def register(subparsers) -> None:
     serve.add_argument("--max-queue-delay-ms", type=float, default=None,
                        help="the server setting for batching on (default: the server's default)")
     serve.add_argument("--json", action="store_true", help="also print the results as JSON")
-    serve.set_defaults(func=_runner("serving"))
 
-    anomaly = commands.add_parser(
-        "anomaly",
-        help="anomaly-detection AUROC/AUPRC on ADBench-style data through the exported graphs, vs IsolationForest and PCA",
-        description="Train on 60%% of each dataset's normal rows with `vaeserve train` defaults, export, score the "
-        "rest with the exported version's Scorer; writes results.csv, thresholds.csv, results.md and auroc.png.",
-    )
+    anomaly = command("anomaly", "anomaly", "anomaly-detection AUROC/AUPRC on ADBench-style data through the exported "
+                      "graphs, vs IsolationForest and PCA", repository=False)  # fmt: skip
     anomaly.add_argument("--datasets", help="comma-separated .npz files with X and y (1 = anomaly); default: the "
                          "15-dataset ADBench set from --adbench")
     anomaly.add_argument("--adbench", default=None, help="folder of the default datasets (default $VAESERVE_ADBENCH "
@@ -48,36 +44,30 @@ def register(subparsers) -> None:
                          help="vaeserve trains on at most this many rows, subsampled (default 4000)")
     anomaly.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                          help="a `vaeserve train` setting for every dataset (experiments; the benchmark uses the defaults)")
-    anomaly.set_defaults(func=_runner("anomaly"))
 
-    extremes = commands.add_parser("extremes", help="rows with one feature far outside the training range: flagged, never NaN?",
-                                   description=importlib.import_module("vaeserve.benchmarks.extremes").__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    extremes.add_argument("--repository", type=Path, default=repository)
+    extremes = command("extremes", "extremes", "rows with one feature far outside the training range: flagged, never NaN?")
     extremes.add_argument("--model", help="comma-separated models (default: every model in the repository)")
-    extremes.add_argument("--rows", type=Path, help="CSV or NPY of real raw rows to perturb (default: uniform in the support)")
+    extremes.add_argument("--rows", type=Path, help="CSV, NPY or NPZ of real raw rows to perturb (default: uniform in the support)")
     extremes.add_argument("--base-rows", type=int, default=16, help="rows to perturb, each feature in turn (default 16)")
-    extremes.set_defaults(func=_runner("extremes"))
 
-    fuzz = commands.add_parser("fuzz", help="mutated requests against every RPC: no INTERNAL or UNKNOWN, server still up",
-                               description=importlib.import_module("vaeserve.benchmarks.fuzz").__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    fuzz.add_argument("--repository", type=Path, default=repository)
+    fuzz = command("fuzz", "fuzz", "mutated requests against every RPC: no INTERNAL or UNKNOWN, server still up")
     fuzz.add_argument("--requests", type=int, default=10_000, help="mutated requests to send (default 10000)")
     fuzz.add_argument("--seconds", type=float, default=600.0, help="stop sending after this long (default 600)")
     fuzz.add_argument("--seed", type=int, default=0)
     fuzz.add_argument("--out", type=Path, default=Path("runs/bench-fuzz"), help="folder for the server's log")
-    fuzz.set_defaults(func=_runner("fuzz"))
 
-    memory = commands.add_parser("memory", help="server memory under the largest requests the defaults accept",
-                                 description=importlib.import_module("vaeserve.benchmarks.memory").__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    memory.add_argument("--repository", type=Path, default=repository)
+    memory = command("memory", "memory", "server memory under the largest requests the defaults accept")
     memory.add_argument("--burst", type=int, default=4, help="concurrent copies of each largest request (default 4)")
     memory.add_argument("--pause", type=float, default=3.0, help="idle seconds before reading memory again (default 3)")
     memory.add_argument("--out", type=Path, default=Path("runs/bench-memory"), help="folder for the server's log")
-    memory.set_defaults(func=_runner("memory"))
 
-    from vaeserve.benchmarks import fashion_mnist  # light: its heavy imports are inside run()
-
-    fashion_mnist.register(commands)
+    fashion = command("fashion-mnist", "fashion_mnist", "conv VAE on Fashion-MNIST: test -ELBO and K-sample bound (minutes)",
+                      repository=False)  # fmt: skip
+    fashion.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default ../shared/datasets/fashion-mnist)")
+    fashion.add_argument("--out", default="runs/fashion-mnist", help="checkpoint directory")
+    fashion.add_argument("--epochs", type=int, default=3)
+    fashion.add_argument("--batch-size", type=int, default=128)
+    fashion.add_argument("--latent-dim", type=int, default=16)
+    fashion.add_argument("--k", type=int, default=1000, help="importance samples per test image")
+    fashion.add_argument("--iw-rows", type=int, default=500, help="test images given the K-sample bound (10000 = all)")
+    fashion.add_argument("--device", default="auto")

@@ -33,20 +33,6 @@ def find_data(explicit: str | None) -> Path:
     raise DataError("fashion-mnist not found: pass --data DIR holding train-images-idx3-ubyte.gz")
 
 
-def register(commands) -> None:
-    p = commands.add_parser("fashion-mnist", help="conv VAE on Fashion-MNIST: test -ELBO and K-sample bound (minutes)",
-                            description=__doc__.split("\n\n")[0])  # fmt: skip
-    p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default ../shared/datasets/fashion-mnist)")
-    p.add_argument("--out", default="runs/fashion-mnist", help="checkpoint directory")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--latent-dim", type=int, default=16)
-    p.add_argument("--k", type=int, default=1000, help="importance samples per test image")
-    p.add_argument("--iw-rows", type=int, default=500, help="test images given the K-sample bound (10000 = all)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
     import torch
 
