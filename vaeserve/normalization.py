@@ -108,8 +108,9 @@ class Support:
         return cls(x.min(axis=0), x.max(axis=0))
 
     def clip(self, x: np.ndarray) -> np.ndarray:
-        """x brought back into the support: each value moved to the nearest end of its interval."""
-        return np.clip(x, self.low, self.high)
+        """x brought back into the support: each value moved to the nearest end of its interval (NaN to
+        the high end, so that it too is a value the network has seen)."""
+        return np.fmax(self.low, np.fmin(x, self.high))
 
     def to_dict(self) -> dict:
         return {"low": self.low.tolist(), "high": self.high.tolist()}

@@ -79,10 +79,21 @@ def posterior_noise(samples: int, latent_dim: int, seed: int) -> np.ndarray:
     return eps
 
 
-def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    top = np.max(a, axis=axis, keepdims=True)
+def sum_over_first(a: np.ndarray) -> np.ndarray:
+    """The sum over axis 0, one slice at a time: the same order of additions however many rows share the
+    array. (NumPy's own reduction switches to pairwise summation when the other axes are one element
+    wide, so a lone row would round differently from the same row in a batch.)"""
+    total = a[0].copy()
+    for part in a[1:]:
+        total += part
+    return total
+
+
+def logsumexp(a: np.ndarray) -> np.ndarray:
+    """log sum exp over axis 0, stable, in the row-independent order of sum_over_first."""
+    top = np.max(a, axis=0)
     top = np.where(np.isfinite(top), top, 0.0)
-    return np.squeeze(top, axis) + np.log(np.sum(np.exp(a - top), axis=axis))
+    return top + np.log(sum_over_first(np.exp(a - top)))
 
 
 @dataclass
@@ -138,18 +149,18 @@ def score(
 
     # log p(x) >= log sum_c p(c) exp(ELBO_c); the responsibilities q(c|x) make recon + kl add up to it.
     joint = log_prior - by_class(each.neg_elbo)
-    neg_elbo = -logsumexp(joint, axis=0)
+    neg_elbo = -logsumexp(joint)
     resp = np.exp(joint + neg_elbo)
-    label_kl = np.sum(resp * (np.log(np.maximum(resp, 1e-300)) - log_prior), axis=0)
+    label_kl = sum_over_first(resp * (np.log(np.maximum(resp, 1e-300)) - log_prior))
     neg_iw = None
     if each.neg_iw is not None:
-        neg_iw = -logsumexp(log_prior - by_class(each.neg_iw), axis=0)
+        neg_iw = -logsumexp(log_prior - by_class(each.neg_iw))
     return Scores(
         neg_elbo=neg_elbo,
-        reconstruction=np.sum(resp * by_class(each.reconstruction), axis=0),
-        kl=np.sum(resp * by_class(each.kl), axis=0) + label_kl,
+        reconstruction=sum_over_first(resp * by_class(each.reconstruction)),
+        kl=sum_over_first(resp * by_class(each.kl)) + label_kl,
         neg_iw=neg_iw,
-        per_feature=np.sum(resp[..., None] * by_class(each.per_feature), axis=0),
+        per_feature=sum_over_first(resp[..., None] * by_class(each.per_feature)),
     )
 
 
@@ -168,7 +179,7 @@ def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples
     params = decode(z.reshape(samples * rows, latent_dim).astype(np.float32), tiled_labels)
     log_px_z = feature_log_likelihood(np.tile(x, (samples, 1)), params, likelihood).reshape(samples, rows, -1)
 
-    per_feature = -log_px_z[:elbo_samples].mean(axis=0)
+    per_feature = -sum_over_first(log_px_z[:elbo_samples]) / elbo_samples
     reconstruction = per_feature.sum(axis=1)
     kl = gaussian_kl(mu, logvar)
     neg_iw = None
@@ -179,7 +190,7 @@ def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples
             + log_normal(z_iw, 0.0, 0.0).sum(axis=2)
             - log_normal(z_iw, mu[None], logvar[None]).sum(axis=2)
         )
-        neg_iw = np.log(iw_samples) - logsumexp(log_w, axis=0)  # Burda et al. 2016, eq. 8
+        neg_iw = np.log(iw_samples) - logsumexp(log_w)  # Burda et al. 2016, eq. 8
     return Scores(reconstruction + kl, reconstruction, kl, neg_iw, per_feature)
 
 
