@@ -25,13 +25,13 @@ def calibrate(x_raw: np.ndarray, scorer: scoring.Scorer, iw_samples: int = scori
         x_raw = x_raw[np.sort(np.random.default_rng(scoring.SEED).choice(x_raw.shape[0], max_rows, replace=False))]
     s = scorer.score(x_raw, None, iw_samples)
     scores = {"neg_elbo": s.neg_elbo, "neg_iw": s.neg_iw}
-    outside = int(np.sum(~np.isfinite(s.neg_elbo)))
     with np.errstate(invalid="ignore"):
         quantiles = {name: {str(q): float(np.quantile(v, q)) for q in QUANTILES} for name, v in scores.items()}
     default = quantiles[DEFAULT_SCORE][str(1.0 - TARGET_FALSE_POSITIVE_RATE)]
     if not all(np.isfinite(v) for q in quantiles.values() for v in q.values()):
-        raise ExportError(f"{outside} of {len(x_raw)} held-out rows lie outside the model's support (their scores are "
-                          f"+inf), too many for finite thresholds at {QUANTILES}")  # fmt: skip
+        broken = int(np.sum(~np.isfinite(s.neg_elbo)))
+        raise ExportError(f"{broken} of {len(x_raw)} held-out rows score +inf (the graphs break down numerically on "
+                          f"them): no finite thresholds at {QUANTILES}")  # fmt: skip
     return Thresholds(
         score=DEFAULT_SCORE, default=default, target_false_positive_rate=TARGET_FALSE_POSITIVE_RATE,
         quantiles=quantiles, calibration_rows=int(x_raw.shape[0]),

@@ -136,12 +136,13 @@ def _call(client, args, np) -> int:
     elif command == "score":
         r = client.score(model, x, labels, version=args.version, threshold=args.threshold,
                          per_feature=args.per_feature, iw_samples=args.iw_samples)  # fmt: skip
-        out = {"neg_elbo": r.neg_elbo, "reconstruction": r.reconstruction, "kl": r.kl, "is_anomaly": r.is_anomaly}
+        out = {"neg_elbo": r.neg_elbo, "reconstruction": r.reconstruction, "kl": r.kl, "is_anomaly": r.is_anomaly,
+               "out_of_support": r.out_of_support}  # fmt: skip
         if r.neg_iw is not None:
             out["neg_iw"] = r.neg_iw
         if r.per_feature is not None:
-            out["per_feature"] = r.per_feature
-        _print(out | {"threshold": r.threshold}, args, columns=[k for k in out if k != "per_feature"])
+            out["per_feature"], out["support_distance"] = r.per_feature, r.support_distance
+        _print(out | {"threshold": r.threshold}, args, columns=[k for k in out if k not in ("per_feature", "support_distance")])
     elif command == "generate":
         r = client.generate(model, args.count, labels, version=args.version, temperature=args.temperature, seed=args.seed)
         _print({"x": r.x, "z": r.z}, args, columns=["x"])

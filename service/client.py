@@ -55,6 +55,8 @@ class ScoreResult:
     threshold: float
     per_feature: np.ndarray | None
     neg_iw: np.ndarray | None
+    out_of_support: np.ndarray  # bool per row: a value outside the model's support (always flagged)
+    support_distance: np.ndarray | None  # [N, features], with per_feature: how far each value lies outside
 
 
 @dataclass
@@ -79,6 +81,7 @@ def _parse_score(r: pb.ScoreResponse) -> ScoreResult:
     return ScoreResult(
         np.asarray(r.neg_elbo), np.asarray(r.reconstruction), np.asarray(r.kl), np.asarray(r.is_anomaly, bool),
         r.threshold, to_array(r.per_feature), np.asarray(r.neg_iw) if len(r.neg_iw) else None,
+        np.asarray(r.out_of_support, bool), to_array(r.support_distance),
     )  # fmt: skip
 
 

@@ -4,9 +4,10 @@ brought into the model's support, normalised, scored; decoder means go back to r
 checked here and rejected with InvalidInput naming the problem, and every request's work is counted
 against the settings' budget before anything is computed; nothing here knows about gRPC.
 
-What a row outside the model's support gets (see vaeserve.normalization): Score answers +inf for it
-(flagged whatever the threshold), per_feature +inf at the features outside; Embed and Reconstruct work
-on the row brought back into the support, and Reconstruct's neg_log_likelihood is +inf like Score's.
+What a row outside the model's support gets (see vaeserve.scoring.Scorer): Score scores the row brought
+back into the support plus a penalty growing with the distance outside, and flags it whatever the
+threshold; Embed and Reconstruct work on the row brought back, and Reconstruct's neg_log_likelihood
+carries the same penalty.
 """
 
 import logging
@@ -163,13 +164,13 @@ class ServedModel:
         x = self.finite(x)
         y = self.one_hot(labels, len(x), required=True)
         self.budget(len(x), (self.features, "features"))
-        normalised, outside = self.scorer.prepare(x)
+        normalised, distance = self.scorer.prepare(x)
         mu, _ = await self.encode(normalised, y, deadline)
         params = await self.decode(mu, y, deadline)
         x_hat = self.scorer.normalizer.invert(scoring.decoder_mean(params, self.likelihood))
         nll = -scoring.feature_log_likelihood(normalised.astype(np.float64), params, self.likelihood).sum(axis=1)
-        if outside is not None:
-            nll[outside.any(axis=1)] = np.inf
+        if distance is not None:
+            nll += self.scorer.penalty(distance).sum(axis=1)
         mse = np.mean((x.astype(np.float64) - x_hat) ** 2, axis=1)
         return x_hat, nll, mse
 
@@ -187,7 +188,7 @@ class ServedModel:
         feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
         threshold = self.threshold if threshold is None else float(threshold)
-        return ScoreResult(scores, threshold, scores.neg_elbo > threshold)
+        return ScoreResult(scores, threshold, scores.flagged(threshold))
 
     def _score_work(self, rows: int, key: tuple) -> int:
         labelled, iw_samples = key

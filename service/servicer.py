@@ -4,6 +4,8 @@ request metrics come from the @rpc decorator; batching, ONNX Runtime and scoring
 import asyncio
 import json
 
+import numpy as np
+
 from vaeserve.errors import ModelNotReady
 from vaeserve.service.convert import to_array, to_tensor
 from vaeserve.service.models import ModelRegistry, ServedModel
@@ -67,10 +69,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         response = pb.ScoreResponse(
             model=model.name, version=model.version, threshold=result.threshold,
             neg_elbo=s.neg_elbo.tolist(), reconstruction=s.reconstruction.tolist(), kl=s.kl.tolist(),
-            is_anomaly=result.is_anomaly.tolist(),
+            is_anomaly=result.is_anomaly.tolist(), out_of_support=s.out_of_support.tolist(),
         )  # fmt: skip
         if request.per_feature:
             response.per_feature.CopyFrom(to_tensor(s.per_feature))
+            distance = np.zeros(s.per_feature.shape) if s.support_distance is None else s.support_distance
+            response.support_distance.CopyFrom(to_tensor(distance))
         if s.neg_iw is not None:
             response.neg_iw.extend(s.neg_iw.tolist())
         return response

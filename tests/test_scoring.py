@@ -1,7 +1,9 @@
 """Properties of Scorer, the one Score of a model, over real exported graphs of every likelihood (Bernoulli,
 Gaussian, fixed-variance Gaussian, PPCA, label-free CVAE) under every normalisation: rows inside the support
-score finitely and as the plain math does; a value outside it makes its row +inf wherever it lands and
-whatever its size; chunking changes nothing; a decoder that breaks down gives +inf, never NaN.
+score finitely and as the plain math does; a value outside it scores as its row brought back into the
+support plus the support penalty of its distance, exactly at its feature and in its row's totals, finite
+wherever it lands and whatever its size, and flags its row; chunking changes nothing; a decoder that breaks
+down gives +inf, never NaN.
 
 The properties hold for any model, so a Scorer here joins a model's exported graphs with a normaliser of
 any kind fitted on digits and a per-feature support (digits has features constant at 0, whose support is
@@ -9,7 +11,7 @@ the single point [0, 0]), besides the model's own served Scorer with its manifes
 support.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pytest
@@ -146,6 +148,49 @@ def assert_never_nan(s: Scores) -> None:
         assert not (value == -np.inf).any(), name
 
 
+def assert_finite(s: Scores) -> None:
+    for name, value in score_fields(s).items():
+        assert np.isfinite(value).all(), name
+
+
+def distance_outside(scorer: Scorer, x: np.ndarray) -> np.ndarray:
+    """float64 [rows, features]: how far each value of raw rows x lies outside the support, in raw units,
+    |x - clip(x)| (0 inside)."""
+    return np.abs(x.astype(np.float64) - scorer.support.clip(x))
+
+
+def penalty_of(scorer: Scorer, distance: np.ndarray) -> np.ndarray:
+    """Nats each value outside costs: support_penalty of its distance in normaliser units."""
+    return scoring.support_penalty(distance / scorer.normalizer.scale)
+
+
+def assert_penalised(scorer: Scorer, s: Scores, back: Scores, distance: np.ndarray) -> None:
+    """s is `back` (the same rows brought back into the support) plus the support penalty of `distance`:
+    per_feature gets it exactly at the values outside and is back's bit for bit elsewhere, neg_elbo,
+    reconstruction and neg_iw get their row's sum, kl is back's; all finite."""
+    outside = distance > 0
+    penalty = penalty_of(scorer, distance)
+    assert back.support_distance is None
+    assert_finite(s)
+    np.testing.assert_array_equal(s.support_distance, distance)
+    np.testing.assert_array_equal(s.out_of_support, outside.any(axis=1))
+    np.testing.assert_array_equal(s.per_feature, back.per_feature + penalty)
+    np.testing.assert_array_equal(s.per_feature[~outside], back.per_feature[~outside])
+    assert (s.per_feature >= back.per_feature).all()
+    # Strictly more wherever the penalty is not lost to rounding (a value an ulp past an end of [0, 0] costs
+    # ~1e-90 nats).
+    visible = penalty > 1e-9 * (1.0 + np.abs(back.per_feature))
+    assert (s.per_feature[visible] > back.per_feature[visible]).all()
+    row_penalty = penalty.sum(axis=1)
+    for name in ("neg_elbo", "reconstruction", "neg_iw"):
+        value, inside = getattr(s, name), getattr(back, name)
+        np.testing.assert_array_equal(value, inside + row_penalty, err_msg=name)
+        assert (value >= inside).all(), name
+        visible = row_penalty > 1e-9 * (1.0 + np.abs(inside))
+        assert (value[visible] > inside[visible]).all(), name
+    np.testing.assert_array_equal(s.kl, back.kl)
+
+
 def plain_math(scorer: Scorer, normalised: np.ndarray, iw_samples: int) -> Scores:
     """scoring.score with the Scorer's settings: no support, no domain clip, no fail-safe, one chunk."""
     return scoring.score(normalised, scorer.encode, scorer.decode, scorer.likelihood, class_prior=scorer.class_prior,
@@ -183,12 +228,14 @@ def domain_box(s: Scorer) -> tuple[np.ndarray, np.ndarray]:
 @settings(PROPERTY, max_examples=40)
 @given(data=st.data())
 def test_rows_inside_the_support_score_finitely_and_add_up(cases, case, data):
-    scorer = cases[case].scorer
+    scorer, threshold = cases[case].scorer, cases[case].threshold
     x = data.draw(rows_inside(scorer.support.low, scorer.support.high), label="x")
     s = scorer.score(x, iw_samples=IW_SAMPLES)
-    for name, value in score_fields(s).items():
-        assert np.isfinite(value).all(), name
+    assert_finite(s)
     assert s.per_feature.shape == x.shape
+    assert s.support_distance is None  # nothing outside, no distance
+    assert not s.out_of_support.any()
+    np.testing.assert_array_equal(s.flagged(threshold), s.neg_elbo > threshold)
     # -ELBO = reconstruction + KL; exact for one label, to rounding when summed over labels' responsibilities.
     scale = np.abs(s.reconstruction) + np.abs(s.kl) + 1.0
     assert (np.abs(s.neg_elbo - (s.reconstruction + s.kl)) <= 1e-9 * scale).all()
@@ -200,7 +247,7 @@ def test_rows_inside_the_support_score_finitely_and_add_up(cases, case, data):
 @pytest.mark.parametrize("case", CASES)
 @settings(PROPERTY, max_examples=40)
 @given(data=st.data())
-def test_one_value_outside_the_support_scores_inf_at_its_feature(cases, case, data):
+def test_one_value_outside_the_support_adds_its_penalty_at_its_feature(cases, case, data):
     scorer, threshold = cases[case].scorer, cases[case].threshold
     x = data.draw(rows_inside(scorer.support.low, scorer.support.high), label="x")
     row = data.draw(st.integers(0, len(x) - 1), label="row")
@@ -210,25 +257,21 @@ def test_one_value_outside_the_support_scores_inf_at_its_feature(cases, case, da
     s = scorer.score(bad, iw_samples=IW_SAMPLES)
     inside = scorer.score(x, iw_samples=IW_SAMPLES)
     back = scorer.score(scorer.support.clip(bad), iw_samples=IW_SAMPLES)  # the row brought back into the support
-    assert_never_nan(s)
-    for name in ("neg_elbo", "reconstruction", "neg_iw"):
-        assert getattr(s, name)[row] == np.inf, name
-        assert getattr(s, name)[row] >= getattr(inside, name)[row], name
-    assert s.per_feature[row, feature] == np.inf
-    elsewhere = np.arange(scorer.features) != feature
-    assert np.isfinite(s.per_feature[row, elsewhere]).all()
-    assert np.array_equal(s.per_feature[row, elsewhere], back.per_feature[row, elsewhere])
-    assert np.isfinite(s.kl[row]) and s.kl[row] == back.kl[row]
-    assert s.neg_elbo[row] > threshold  # flagged, whatever the threshold
+    distance = distance_outside(scorer, bad)
+    assert np.array_equal(np.argwhere(distance > 0), [[row, feature]])
+    assert_penalised(scorer, s, back, distance)
+    assert s.flagged(threshold)[row]  # flagged, whatever the threshold and however small the penalty
     others = np.arange(len(x)) != row
-    assert_same(s, inside, others)
+    np.testing.assert_array_equal(s.flagged(threshold)[others], inside.neg_elbo[others] > threshold)
+    assert_same(replace(s, support_distance=None), inside, others)
+    assert (s.support_distance[others] == 0).all()
 
 
 @pytest.mark.parametrize("case", CASES)
 @settings(PROPERTY, max_examples=25)
 @given(data=st.data())
-def test_several_values_outside_score_inf_exactly_where_they_are(cases, case, data):
-    scorer = cases[case].scorer
+def test_several_values_outside_add_their_penalties_exactly_where_they_are(cases, case, data):
+    scorer, threshold = cases[case].scorer, cases[case].threshold
     x = data.draw(rows_inside(scorer.support.low, scorer.support.high), label="x")
     # Row 0 has at least two features outside; the others any number, none included.
     where = {row: data.draw(st.lists(st.integers(0, scorer.features - 1), min_size=2 if row == 0 else 0, max_size=12,
@@ -241,14 +284,12 @@ def test_several_values_outside_score_inf_exactly_where_they_are(cases, case, da
     out_rows = outside.any(axis=1)
 
     s = scorer.score(bad, iw_samples=IW_SAMPLES)
-    assert_never_nan(s)
-    assert np.array_equal(s.per_feature == np.inf, outside)
-    assert np.isfinite(s.per_feature[~outside]).all()
-    for name in ("neg_elbo", "reconstruction", "neg_iw"):
-        value = getattr(s, name)
-        assert (value[out_rows] == np.inf).all() and np.isfinite(value[~out_rows]).all(), name
-    assert np.array_equal(s.kl, scorer.score(scorer.support.clip(bad), iw_samples=IW_SAMPLES).kl)
-    assert np.isfinite(s.kl).all()
+    distance = distance_outside(scorer, bad)
+    assert np.array_equal(s.support_distance > 0, outside)  # exactly where the values are outside
+    assert_penalised(scorer, s, scorer.score(scorer.support.clip(bad), iw_samples=IW_SAMPLES), distance)
+    np.testing.assert_array_equal(s.out_of_support, out_rows)
+    assert s.flagged(threshold)[out_rows].all()
+    np.testing.assert_array_equal(s.flagged(threshold)[~out_rows], s.neg_elbo[~out_rows] > threshold)
 
 
 @pytest.mark.parametrize("case", CASES)

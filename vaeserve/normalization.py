@@ -5,10 +5,10 @@ Normalisation: x_model = (x_raw - shift) / scale, clipped to [-clip, clip] when 
 in a table (a z-score of 10^8 in a feature nearly constant in training) then reaches the network as a
 large but finite input, and float32 graphs agree with torch on it.
 
-Support: per feature, the raw interval [low, high] the model was trained on. The served density is the
-model's density restricted to that box: a row with any value outside it has log p(x) = -inf, so its
-scores are +inf and it is flagged whatever the threshold (see vaeserve.scoring.Scorer). The network only
-ever sees rows inside the box, where it was fitted and where float32 stays finite.
+Support: per feature, the raw interval [low, high] the model was trained on. The network only ever sees
+rows inside that box, where it was fitted and where float32 stays finite; a row outside is scored as the
+row brought back into the box plus a penalty that grows with the distance, and flagged whatever the
+threshold (see vaeserve.scoring.Scorer).
 """
 
 import math

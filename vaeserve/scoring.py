@@ -105,6 +105,21 @@ class Scores:
     kl: np.ndarray  # KL(q(z|x) || p(z)), plus KL(q(y|x) || p(y)) when scored label-free
     neg_iw: np.ndarray | None  # -log (1/K) sum_k p(x, z_k) / q(z_k|x)
     per_feature: np.ndarray  # [rows, features]: -E_q[log p(x_d|z)]
+    # [rows, features]: how far each value lies outside the support, in raw units (0 inside); None when
+    # every value is inside. Set by Scorer.
+    support_distance: np.ndarray | None = None
+
+    @property
+    def out_of_support(self) -> np.ndarray:
+        """bool [rows]: the row has a value outside the support."""
+        if self.support_distance is None:
+            return np.zeros(len(self.neg_elbo), bool)
+        return (self.support_distance > 0).any(axis=1)
+
+    def flagged(self, threshold: float) -> np.ndarray:
+        """Anomalous rows: neg_elbo above the threshold, or a value outside the support."""
+        flagged = self.neg_elbo > threshold
+        return flagged if self.support_distance is None else flagged | self.out_of_support
 
     def rows(self, start: int, stop: int) -> "Scores":
         return Scores(**{f.name: None if (v := getattr(self, f.name)) is None else v[start:stop] for f in fields(self)})
@@ -113,8 +128,13 @@ class Scores:
     def concatenate(cls, parts: list["Scores"]) -> "Scores":
         if len(parts) == 1:
             return parts[0]
-        return cls(**{f.name: None if getattr(parts[0], f.name) is None else np.concatenate([getattr(p, f.name) for p in parts])
-                      for f in fields(cls)})  # fmt: skip
+        joined = {f.name: None if getattr(parts[0], f.name) is None else np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in fields(cls) if f.name != "support_distance"}  # fmt: skip
+        if any(p.support_distance is not None for p in parts):
+            joined["support_distance"] = np.concatenate([
+                np.zeros(p.per_feature.shape) if p.support_distance is None else p.support_distance for p in parts
+            ])  # fmt: skip
+        return cls(**joined)
 
 
 def score(
@@ -200,19 +220,28 @@ def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples
 CHUNK_VALUES = 1 << 21
 
 
+def support_penalty(excess: np.ndarray) -> np.ndarray:
+    """Nats added for a value `excess` normaliser units outside the support: a unit Gaussian tail beyond
+    the box, so a value just past the training range costs next to nothing and one far outside costs
+    without bound. Finite for every finite float32 (float64: (3.4e38 / 1e-8)^2 / 2 ~ 6e92)."""
+    return 0.5 * excess**2
+
+
 class Scorer:
     """The Score of one model, from raw rows.
 
-    1. Support: each row is brought into the model's support box; a value that had to move marks its
-       feature as out of support.
+    1. Support: each row is brought into the model's support box (each value moved to the nearest end of
+       its interval) and the distance each value had to move is kept (raw units).
     2. The row in the box is normalised (for a Bernoulli likelihood, into its domain [0, 1]: the support
        spans validation rows too, which may lie past the training split's range) and scored (`score`),
        in chunks of at most `chunk_values`.
-    3. Out-of-support rows: the served density is the model's density restricted to the support, so
-       such a row has log p(x) = -inf: neg_elbo, reconstruction and neg_iw are +inf, and per_feature is
-       +inf exactly at the features outside (which say where). kl stays that of the row in the box.
-       Any score that is still not a number or -inf (a numerical breakdown) is +inf: a score is finite
-       or +inf, never NaN, and an anomaly detector that cannot vouch for a row calls it anomalous.
+    3. Rows outside the support: per_feature of each value outside gets `support_penalty` of its distance
+       in normaliser units added, and so do reconstruction, neg_elbo and neg_iw (kl stays that of the row in the box). A row
+       outside therefore scores more than the same row brought back into range, more the farther out it
+       is; `support_distance` says which values are outside and by how much, and `flagged` calls such a
+       row anomalous whatever its score.
+       Any score that is not a number or -inf (a numerical breakdown) is +inf: a score is finite or +inf,
+       never NaN, and an anomaly detector that cannot vouch for a row calls it anomalous.
 
     A conditional model scores with one-hot `labels`, or without them label-free over `class_prior`.
     """
@@ -233,22 +262,29 @@ class Scorer:
         return rows * classes * (self.elbo_samples + iw_samples) * self.features
 
     def prepare(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw rows -> (normalised rows inside the support, [rows, features] mask of values that were
-        outside it, or None when all were inside)."""
+        """Raw rows -> (normalised rows inside the support, [rows, features] float64 distance of each
+        value outside it in raw units, or None when every value was inside)."""
         x = np.asarray(x, np.float32)
-        outside = None
+        distance = None
         if self.support is not None:
             inside = self.support.clip(x)
-            outside = inside != x
-            x, outside = inside, outside if outside.any() else None
+            if (inside != x).any():
+                with np.errstate(invalid="ignore"):
+                    distance = np.abs(x.astype(np.float64) - inside)
+                distance[np.isnan(distance)] = np.inf  # a NaN value: infinitely far
+            x = inside
         normalised = self.normalizer.apply(x)
         if self.likelihood == "bernoulli":  # its domain; the support can reach past the training split's range
             normalised = np.clip(normalised, 0.0, 1.0)
-        return normalised, outside
+        return normalised, distance
+
+    def penalty(self, distance: np.ndarray) -> np.ndarray:
+        """support_penalty of raw distances outside the support, measured in normaliser units."""
+        return support_penalty(distance / self.normalizer.scale)
 
     def score(self, x: np.ndarray, labels: np.ndarray | None = None, iw_samples: int = 0) -> Scores:
         """Scores of raw rows x [rows, features]; `labels` one-hot [rows, classes] or None."""
-        normalised, outside = self.prepare(x)
+        normalised, distance = self.prepare(x)
         rows = len(normalised)
         chunk = max(1, self.chunk_values // max(1, self.work(1, labels is not None, iw_samples)))
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -258,18 +294,20 @@ class Scorer:
                       elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed)  # fmt: skip
                 for start in range(0, rows, chunk)
             ]
-        return _fail_safe(Scores.concatenate(parts), outside)
+            return _outside_and_fail_safe(Scores.concatenate(parts), distance, self.penalty)
 
 
-def _fail_safe(s: Scores, outside: np.ndarray | None) -> Scores:
-    """+inf for rows outside the support (and per_feature at their features outside); NaN and -inf
-    become +inf. In place: the arrays are the scorer's own."""
-    if outside is not None:
-        s.per_feature[outside] = np.inf
-        out_rows = outside.any(axis=1)
+def _outside_and_fail_safe(s: Scores, distance: np.ndarray | None, penalty) -> Scores:
+    """The support penalty of values outside, and +inf for NaN and -inf. In place: the arrays are the
+    scorer's own."""
+    if distance is not None:
+        nats = penalty(distance)
+        s.per_feature += nats
+        row_nats = nats.sum(axis=1)
         for a in (s.neg_elbo, s.reconstruction, s.neg_iw):
             if a is not None:
-                a[out_rows] = np.inf
+                a += row_nats
+        s.support_distance = distance
     for a in (s.neg_elbo, s.reconstruction, s.kl, s.neg_iw, s.per_feature):
         if a is not None:
             a[~(a > -np.inf)] = np.inf  # NaN and -inf

@@ -3,6 +3,7 @@ exabytes, extreme options, work over the budget, messages over the receive limit
 support. Every answer is a status code a client can act on with a short message; the server stays up."""
 
 import asyncio
+import json
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
+from vaeserve import scoring
 from vaeserve.artifact.repository import scan_repository
 from vaeserve.benchmarks import fuzz
 from vaeserve.service.client import to_tensor as tensor
@@ -183,10 +185,17 @@ OUTSIDE = [(0, 5, 1e6), (1, 20, -1e38), (2, 63, 16.0001)]
 
 @pytest.mark.parametrize("name", MODELS)
 def test_rows_outside_the_support(client, rows, name):
+    """Each row is sent beside itself brought back into the support (rows 4-7), and scores as that row plus
+    (d / scale)^2 / 2 nats for its value d outside (raw units; scale the normaliser's, from the manifest),
+    flagged whatever the threshold. The doubles (neg_elbo, reconstruction, neg_iw, neg_log_likelihood) carry
+    the penalty in full and stay finite (1e73 to 1e74 nats for -1e38). per_feature and support_distance come as
+    float32 tensors: there the -1e38 value's penalty is past float32's range and reads +inf, and 16.0001's
+    (1e-11 to 1e-9 nats) is below float32's resolution of its feature's term, which reads as the row brought back's."""
     meta = client.get_model(name)
     low, high = np.asarray(meta.support.low), np.asarray(meta.support.high)
     np.testing.assert_array_equal(low, 0.0)
     np.testing.assert_array_equal(high, 16.0)
+    scale = np.asarray(json.loads(meta.manifest_json)["normalization"]["scale"], np.float32)
     x, labels = rows[0][:4].copy(), (rows[1][:4] if name == "cvae" else None)
     for row, column, value in OUTSIDE:
         x[row, column] = value
@@ -194,26 +203,52 @@ def test_rows_outside_the_support(client, rows, name):
     out = np.zeros(x.shape, bool)
     out[[r for r, _, _ in OUTSIDE], [c for _, c, _ in OUTSIDE]] = True
     clipped = np.clip(x, low, high).astype(np.float32)
-
-    scored = client.score(name, x, labels, per_feature=True, iw_samples=8)
-    for field in ("neg_elbo", "reconstruction", "neg_iw"):
-        np.testing.assert_array_equal(getattr(scored, field)[:3], np.inf, err_msg=field)
-        assert np.isfinite(getattr(scored, field)[3]), field
-    assert np.isfinite(scored.kl).all()
-    np.testing.assert_array_equal(scored.is_anomaly[:3], True)
-    np.testing.assert_array_equal(np.isposinf(scored.per_feature), out)  # +inf exactly where the value was outside
-    assert np.isfinite(scored.per_feature[~out]).all()
-    if name == "cvae":  # label-free too
-        free = client.score(name, x, iw_samples=8)
-        np.testing.assert_array_equal(free.neg_elbo[:3], np.inf)
-        np.testing.assert_array_equal(free.neg_iw[:3], np.inf)
-        assert np.isfinite(free.neg_elbo[3]) and np.isfinite(free.kl).all() and free.is_anomaly[:3].all()
-
+    distance = np.abs(x.astype(np.float64) - clipped)  # raw units, 0 inside
+    np.testing.assert_array_equal(distance > 0, out)
+    penalty = scoring.support_penalty(distance / scale)  # nats per value
+    row_penalty = penalty.sum(axis=1)
     both = np.vstack([x, clipped])
     both_labels = None if labels is None else labels * 2
+    sent, back = slice(0, 4), slice(4, 8)
+    is_out = np.array([True, True, True, False] + [False] * 4)
+
+    scored = client.score(name, both, both_labels, per_feature=True, iw_samples=8)
+    np.testing.assert_array_equal(scored.out_of_support, is_out)
+    np.testing.assert_array_equal(scored.is_anomaly, is_out | (scored.neg_elbo > scored.threshold))
+    for field in ("neg_elbo", "reconstruction", "neg_iw"):
+        value = getattr(scored, field)
+        assert np.isfinite(value).all(), field
+        assert (value[:3] > value[4:7]).all(), field
+        np.testing.assert_array_equal(value[3], value[7], err_msg=field)
+        np.testing.assert_allclose(value[sent], value[back] + row_penalty, rtol=1e-12, err_msg=field)
+    assert np.isfinite(scored.kl).all()
+    np.testing.assert_array_equal(scored.kl[sent], scored.kl[back])
+    # float32 tensors: the distance as sent, zeros inside and for the rows brought back.
+    np.testing.assert_array_equal(scored.support_distance, np.vstack([distance, np.zeros(x.shape)]).astype(np.float32))
+    per_feature, per_feature_back = scored.per_feature[sent], scored.per_feature[back]
+    np.testing.assert_allclose(per_feature[~out], per_feature_back[~out], rtol=1e-6)
+    assert np.isfinite(per_feature[~out]).all() and np.isfinite(per_feature_back).all()
+    with np.errstate(over="ignore"):  # the -1e38 value's penalty overflows float32
+        expected = (per_feature_back[out] + penalty[out]).astype(np.float32)
+    np.testing.assert_allclose(per_feature[out], expected, rtol=1e-6)
+    assert per_feature[0, 5] > per_feature_back[0, 5] and per_feature[1, 20] == np.inf
+    assert per_feature[2, 63] >= per_feature_back[2, 63]
+    if name == "cvae":  # label-free too
+        free = client.score(name, both, iw_samples=8)
+        assert free.per_feature is None and free.support_distance is None  # only with per_feature
+        np.testing.assert_array_equal(free.out_of_support, is_out)
+        np.testing.assert_array_equal(free.is_anomaly, is_out | (free.neg_elbo > free.threshold))
+        for field in ("neg_elbo", "neg_iw"):
+            value = getattr(free, field)
+            assert np.isfinite(value).all() and (value[:3] > value[4:7]).all(), field
+            np.testing.assert_allclose(value[sent], value[back] + row_penalty, rtol=1e-12, err_msg=field)
+        np.testing.assert_array_equal(free.kl[sent], free.kl[back])
+
     rebuilt = client.reconstruct(name, both, both_labels)
-    np.testing.assert_array_equal(rebuilt.neg_log_likelihood[:3], np.inf)
-    assert np.isfinite(rebuilt.neg_log_likelihood[3:]).all()
+    nll = rebuilt.neg_log_likelihood
+    assert np.isfinite(nll).all()
+    assert (nll[:3] > nll[4:7]).all()
+    np.testing.assert_allclose(nll[sent], nll[back] + row_penalty, rtol=1e-12)
     assert np.isfinite(rebuilt.x).all()
     np.testing.assert_allclose(rebuilt.x[:4], rebuilt.x[4:], rtol=0, atol=1e-5)  # the row brought into the support
 

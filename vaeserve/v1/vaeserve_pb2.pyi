@@ -89,7 +89,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[bool] = ..., iw_samples: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "version", "neg_elbo", "reconstruction", "kl", "is_anomaly", "threshold", "per_feature", "neg_iw")
+    __slots__ = ("model", "version", "neg_elbo", "reconstruction", "kl", "is_anomaly", "threshold", "per_feature", "neg_iw", "out_of_support", "support_distance")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEG_ELBO_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,8 @@ class ScoreResponse(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     PER_FEATURE_FIELD_NUMBER: _ClassVar[int]
     NEG_IW_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     neg_elbo: _containers.RepeatedScalarFieldContainer[float]
@@ -108,7 +110,9 @@ class ScoreResponse(_message.Message):
     threshold: float
     per_feature: Tensor
     neg_iw: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., neg_elbo: _Optional[_Iterable[float]] = ..., reconstruction: _Optional[_Iterable[float]] = ..., kl: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[_Union[Tensor, _Mapping]] = ..., neg_iw: _Optional[_Iterable[float]] = ...) -> None: ...
+    out_of_support: _containers.RepeatedScalarFieldContainer[bool]
+    support_distance: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., neg_elbo: _Optional[_Iterable[float]] = ..., reconstruction: _Optional[_Iterable[float]] = ..., kl: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[_Union[Tensor, _Mapping]] = ..., neg_iw: _Optional[_Iterable[float]] = ..., out_of_support: _Optional[_Iterable[bool]] = ..., support_distance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "version", "count", "labels", "temperature", "seed")
