@@ -122,7 +122,11 @@ class Scores:
         return flagged if self.support_distance is None else flagged | self.out_of_support
 
     def rows(self, start: int, stop: int) -> "Scores":
-        return Scores(**{f.name: None if (v := getattr(self, f.name)) is None else v[start:stop] for f in fields(self)})
+        def cut(a):
+            return None if a is None else a[start:stop]
+
+        return Scores(self.neg_elbo[start:stop], self.reconstruction[start:stop], self.kl[start:stop], cut(self.neg_iw),
+                      self.per_feature[start:stop], cut(self.support_distance))  # fmt: skip
 
     @classmethod
     def concatenate(cls, parts: list["Scores"]) -> "Scores":
@@ -309,6 +313,6 @@ def _outside_and_fail_safe(s: Scores, distance: np.ndarray | None, penalty) -> S
                 a += row_nats
         s.support_distance = distance
     for a in (s.neg_elbo, s.reconstruction, s.kl, s.neg_iw, s.per_feature):
-        if a is not None:
+        if a is not None and not (a > -np.inf).all():
             a[~(a > -np.inf)] = np.inf  # NaN and -inf
     return s
