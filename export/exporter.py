@@ -95,14 +95,14 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         diffs |= max_abs_diff(modules[spec.name], graphs[spec.name], spec, [b[i] for b in batches])
     check_parity(diffs, tolerance)
 
-    scoring_info = ScoringInfo(scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED,
+    scoring_info = ScoringInfo(config.likelihood, scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED,
                                tuple(class_prior) if config.conditional else None)  # fmt: skip
-    rows = scorer(graphs["encoder"], graphs["decoder"], config.likelihood, data.normalization, data.support, scoring_info)
+    rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info)
     return Manifest(
         name=name,
         version=version,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        model=ModelInfo(config.kind, config.arch, config.latent_dim, config.likelihood),
+        model=ModelInfo(config.kind, config.arch, config.latent_dim),
         input=InputInfo(config.input_dim, tuple(data.feature_names), tuple(data.image_shape) if data.image_shape else None),
         labels=tuple(data.label_names) if config.conditional else None,
         normalization=data.normalization,

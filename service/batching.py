@@ -25,8 +25,10 @@ batches grow with load. Results are split back to the callers in order.
 
 Every request gets exactly one answer: its rows, the batch's error (a failing batch fails only its
 own callers), RequestExpired when its deadline passed in the queue, or nothing when its caller
-cancelled (it is dropped before compute). A full queue answers QueueFull at once, except to requests
-that arrive while a batch is about to start: they join it instead of waiting.
+cancelled (it is dropped before compute). A full queue (max_queue_size requests, or max_queued_work
+values of work) answers QueueFull at once, except to requests that arrive while a batch is about to
+start: they join it instead of waiting. A batch holds at most max_work values of work unless one
+request alone holds more.
 """
 
 import asyncio
@@ -56,6 +58,7 @@ class _Request:
     feeds: Feeds
     key: Hashable
     rows: int
+    work: int  # values of work, as the batcher's `work` counts them
     future: asyncio.Future
     enqueued: float  # loop.time(), monotonic
     deadline: float | None  # loop.time() after which the caller no longer waits
@@ -67,6 +70,7 @@ class BatcherConfig:
     max_queue_delay: float  # seconds
     max_queue_size: int  # requests
     max_work: int | None = None  # values of work a batch may hold (one request alone may hold more); None: no cap
+    max_queued_work: int | None = None  # values of work the queue may hold (one request alone may); None: no cap
 
 
 # Values of work (rows x features of a graph; Score counts each posterior sample and class) up to which
@@ -102,7 +106,7 @@ class DynamicBatcher:
         self._executor = executor
         self.model, self.graph = model, graph
         self._queue: deque[_Request] = deque()
-        self._queued_rows = 0
+        self._queued_rows = self._queued_work = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # set while serving
         self._timer: asyncio.TimerHandle | None = None  # starts the batch of the request at the queue's head
         self._computing: asyncio.Future | None = None  # done when the batch in the executor has been answered
@@ -127,12 +131,18 @@ class DynamicBatcher:
             raise QueueFull(
                 f"model {self.model!r} {self.graph} queue is full ({self.config.max_queue_size} requests); retry later"
             )
+        rows = next(iter(feeds.values())).shape[0]
+        work = self._work(rows, key)
+        cap = self.config.max_queued_work
+        if cap is not None and self._queue and self._queued_work + work > cap and not self._starting(now):
+            raise QueueFull(f"model {self.model!r} {self.graph} queue holds {self._queued_work:,} values of work, "
+                            f"{work:,} more would pass its {cap:,}; retry later")  # fmt: skip
         if not self._queue and self._computing is None and now - self._idle_since > self.config.max_queue_delay:
             self._expected = 1  # idle for longer than a batch would wait: the callers of past batches have gone
-        rows = next(iter(feeds.values())).shape[0]
-        request = _Request(feeds, key, rows, self._loop.create_future(), now, deadline)
+        request = _Request(feeds, key, rows, work, self._loop.create_future(), now, deadline)
         self._queue.append(request)
         self._queued_rows += rows
+        self._queued_work += work
         self._pending.inc()
         self._arrived = True
         self._schedule()
@@ -142,6 +152,7 @@ class DynamicBatcher:
             if request in self._queue:  # still waiting: leave no room taken for a caller that has gone
                 self._queue.remove(request)
                 self._queued_rows -= rows
+                self._queued_work -= work
             raise
         finally:
             self._pending.dec()
@@ -163,7 +174,7 @@ class DynamicBatcher:
             request = self._queue.popleft()
             if not request.future.done():
                 request.future.set_exception(ModelNotReady(f"model {self.model!r} stopped serving"))
-        self._queued_rows = 0
+        self._queued_rows = self._queued_work = 0
 
     def _starting(self, now: float) -> bool:
         """A batch starts on this turn of the loop: requests arriving meanwhile join it rather than
@@ -238,7 +249,7 @@ class DynamicBatcher:
         self._answer(batch, rows, start, result, err)
         self._computing.set_result(None)
         self._computing = None
-        memory.large_batch_done()
+        memory.large_batch_done(self._loop or asyncio.get_running_loop())
         self._schedule()
 
     def _answer(self, batch: list[_Request], rows: int, start: float, result, err: Exception | None) -> None:
@@ -269,6 +280,7 @@ class DynamicBatcher:
                 break
             self._queue.popleft()
             self._queued_rows -= request.rows
+            self._queued_work -= request.work
             if request.future.done():  # cancelled by its caller
                 continue
             if request.deadline is not None and now >= request.deadline:

@@ -2,10 +2,11 @@
 
 glibc keeps the memory freed by big batches (NumPy temporaries, gRPC message buffers) in its heaps:
 after a burst of large requests the process would stay near its peak. A batch that ran in the executor
-marks the heap as holding such memory (`large_batch_done`); when the last RPC in flight has finished
-(`rpcs_idle`), a timer is armed, and IDLE_SECONDS later malloc_trim(0) returns the free pages of every
-arena. While large requests keep coming the server is never idle, so the heap is not handed back
-between batches (which would make each batch fault its pages in again). Without glibc it does nothing.
+marks the heap as holding such memory (`large_batch_done`). Once no RPC is in flight (`rpc_started` /
+`rpc_finished` count them), a timer is armed, and IDLE_SECONDS later, if the server is still idle,
+malloc_trim(0) returns the free pages of every arena. While requests keep coming the heap is not handed
+back between batches (which would make each batch fault its pages in again). Without glibc it does
+nothing. Everything here runs on the event loop.
 """
 
 import asyncio
@@ -20,7 +21,8 @@ try:
 except (OSError, AttributeError):  # not glibc
     _malloc_trim = None
 
-_held = False  # a large batch ran since the last trim was armed
+_in_flight = 0  # RPCs inside a handler
+_held = False  # a large batch ran since the last trim
 _timer: asyncio.TimerHandle | None = None
 
 
@@ -29,17 +31,38 @@ def trim() -> None:
         _malloc_trim(0)
 
 
-def large_batch_done() -> None:
+def rpc_started() -> None:
+    global _in_flight
+    _in_flight += 1
+
+
+def rpc_finished(loop: asyncio.AbstractEventLoop) -> None:
+    global _in_flight
+    _in_flight -= 1
+    if _in_flight == 0:
+        _arm(loop)
+
+
+def large_batch_done(loop: asyncio.AbstractEventLoop) -> None:
+    """A batch ran in the executor; its callers may all have gone already (deadline, cancellation)."""
     global _held
     _held = _malloc_trim is not None
+    if _in_flight == 0:
+        _arm(loop)
 
 
-def rpcs_idle(loop: asyncio.AbstractEventLoop) -> None:
-    """No RPC is in flight: trim IDLE_SECONDS from now if a large batch ran since the last time."""
-    global _held, _timer
+def _arm(loop: asyncio.AbstractEventLoop) -> None:
+    global _timer
     if not _held:
         return
-    _held = False
     if _timer is not None:
         _timer.cancel()
-    _timer = loop.call_later(IDLE_SECONDS, trim)
+    _timer = loop.call_later(IDLE_SECONDS, _trim_if_idle)
+
+
+def _trim_if_idle() -> None:
+    global _held
+    if _in_flight:  # busy again: rpc_finished arms the next try
+        return
+    _held = False
+    trim()

@@ -10,7 +10,9 @@ threshold; Embed and Reconstruct work on the row brought back, and Reconstruct's
 carries the same penalty.
 """
 
+import asyncio
 import logging
+import math
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -19,21 +21,23 @@ import numpy as np
 from vaeserve import scoring
 from vaeserve.artifact.repository import scan_repository
 from vaeserve.artifact.runtime import Model
-from vaeserve.errors import ArtifactError, ConfigError, InvalidInput, ModelNotFound
+from vaeserve.errors import SHOWN, ArtifactError, ConfigError, InvalidInput, ModelNotFound
 from vaeserve.service import metrics
-from vaeserve.service.batching import BatcherConfig, DynamicBatcher
+from vaeserve.service.batching import INLINE_WORK, BatcherConfig, DynamicBatcher
 from vaeserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A batcher's queue holds at most this many requests' worth of max_request_values: a burst of the largest
+# requests waits a few batches at most, and queued inputs stay a bounded multiple of one request's.
+QUEUED_REQUESTS_OF_WORK = 4
 MAX_TEMPERATURE = 100.0  # Generate: z ~ N(0, T^2 I); far beyond any useful T, and decoders stay finite
 MAX_LATENT = 1000.0  # Decode: |z| per coordinate, in prior standard deviations
-SHOWN = 64  # characters of a caller's string (a label, a model name) an error message repeats
 
 
-def quoted(text: str, limit: int = SHOWN) -> str:
-    """repr of a caller's string, cut to `limit` characters so an error message stays short."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+def quoted(text: str) -> str:
+    """repr of a caller's string, cut so an error message stays short."""
+    return repr(text) if len(text) <= SHOWN else repr(text[:SHOWN]) + f"... ({len(text)} characters)"
 
 
 def listed(names, limit: int = 20) -> str:
@@ -52,18 +56,19 @@ class ScoreResult:
 class ServedModel:
     def __init__(self, model: Model, settings: Settings, executor: Executor):
         m = model.manifest
-        self.artifact, self.manifest, self.settings = model, m, settings
+        self.artifact, self.manifest, self.settings, self._executor = model, m, settings, executor
         self.name, self.version = m.name, m.version
-        self.kind, self.likelihood = m.model.kind, m.model.likelihood
+        self.kind, self.likelihood = m.model.kind, m.scoring.likelihood
         self.latent_dim, self.features = m.model.latent_dim, m.input.features
         self.scorer = model.scorer
+        self._row_work: dict[tuple, int] = {}  # Score batch key (labelled, iw_samples) -> work of one row
         self.label_names = list(m.labels or ())
         self._label_index = {name: i for i, name in enumerate(self.label_names)}
         self.conditional = m.conditional
         self.threshold = m.thresholds.default
         self.encoder, self.decoder = model.encoder, model.decoder
         config = BatcherConfig(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0, settings.max_queue_size,
-                               settings.max_request_values)  # fmt: skip
+                               settings.max_request_values, QUEUED_REQUESTS_OF_WORK * settings.max_request_values)  # fmt: skip
         self.batchers = {
             "encoder": DynamicBatcher(lambda feeds, _: self.encoder.run(feeds), config, executor, model=self.name, graph="encoder",
                                       work=lambda rows, _: rows * self.features),  # fmt: skip
@@ -110,16 +115,13 @@ class ServedModel:
             raise InvalidInput(f"{what}: {problem} at row {row}, column {column}")
         return x
 
-    def budget(self, rows: int, *factors: tuple[int, str]) -> None:
-        """Refuse a request whose work (rows x each factor) is above max_request_values, before computing it."""
-        work = rows
-        for count, _ in factors:
-            work *= count
+    def budget(self, terms: list[tuple[int, str]]) -> None:
+        """Refuse a request whose work (the product of its terms) is above max_request_values, before computing it."""
+        work = math.prod(count for count, _ in terms)
         if work > self.settings.max_request_values:
-            terms = " x ".join([f"{rows} rows", *(f"{count} {what}" for count, what in factors)])
             raise InvalidInput(
-                f"this request needs {work:,} values of work ({terms}), more than max_request_values "
-                f"{self.settings.max_request_values:,}; send fewer rows or ask for fewer samples"
+                f"this request needs {work:,} values of work ({' x '.join(f'{n} {what}' for n, what in terms)}), "
+                f"more than max_request_values {self.settings.max_request_values:,}; send fewer rows or ask for fewer samples"
             )
 
     def one_hot(self, labels, rows: int, *, required: bool) -> np.ndarray | None:
@@ -143,6 +145,10 @@ class ServedModel:
 
     # The API's operations.
 
+    def _samples(self, mu, logvar, posterior_samples: int, seed: int | None) -> np.ndarray:
+        eps = np.random.default_rng(seed).standard_normal((posterior_samples, *mu.shape), dtype=np.float32)
+        return mu[None] + np.exp(0.5 * logvar)[None] * eps
+
     async def embed(self, x, labels, posterior_samples: int, seed: int | None, deadline=None):
         x = self.finite(x)
         y = self.one_hot(labels, len(x), required=True)
@@ -151,19 +157,21 @@ class ServedModel:
                 f"posterior_samples {posterior_samples} is more than the limit of {self.settings.max_posterior_samples}"
             )
         if posterior_samples:
-            self.budget(len(x), (posterior_samples, "posterior samples"), (self.latent_dim, "latent dimensions"))
-        self.budget(len(x), (self.features, "features"))
+            self.budget([(len(x), "rows"), (posterior_samples, "posterior samples"), (self.latent_dim, "latent dimensions")])
+        self.budget([(len(x), "rows"), (self.features, "features")])
         mu, logvar = await self.encode(self.scorer.prepare(x)[0], y, deadline)
         samples = None
-        if posterior_samples:
-            eps = np.random.default_rng(seed).standard_normal((posterior_samples, *mu.shape), dtype=np.float32)
-            samples = mu[None] + np.exp(0.5 * logvar)[None] * eps
+        if posterior_samples and posterior_samples * mu.size <= INLINE_WORK:
+            samples = self._samples(mu, logvar, posterior_samples, seed)
+        elif posterior_samples:  # many: off the event loop (4096 rows x 256 samples took ~0.3 s)
+            loop = asyncio.get_running_loop()
+            samples = await loop.run_in_executor(self._executor, self._samples, mu, logvar, posterior_samples, seed)
         return mu, logvar, samples
 
     async def reconstruct(self, x, labels, deadline=None):
         x = self.finite(x)
         y = self.one_hot(labels, len(x), required=True)
-        self.budget(len(x), (self.features, "features"))
+        self.budget([(len(x), "rows"), (self.features, "features")])
         normalised, distance = self.scorer.prepare(x)
         mu, _ = await self.encode(normalised, y, deadline)
         params = await self.decode(mu, y, deadline)
@@ -172,7 +180,7 @@ class ServedModel:
         if distance is not None:
             nll += self.scorer.penalty(distance).sum(axis=1)
         mse = np.mean((x.astype(np.float64) - x_hat) ** 2, axis=1)
-        return x_hat, nll, mse
+        return x_hat, scoring.fail_safe(nll), scoring.fail_safe(mse)
 
     async def score(self, x, labels, threshold: float | None, iw_samples: int, deadline=None) -> ScoreResult:
         x = self.finite(x)
@@ -181,9 +189,7 @@ class ServedModel:
             raise InvalidInput(f"iw_samples {iw_samples} is more than the limit of {self.settings.max_iw_samples}")
         if threshold is not None and not np.isfinite(threshold):
             raise InvalidInput(f"threshold must be finite, got {threshold}")
-        classes = len(self.label_names) if self.conditional and y is None else 1
-        self.budget(len(x), (self.scorer.elbo_samples + iw_samples, "posterior samples"),
-                    (classes, "classes"), (self.features, "features"))  # fmt: skip
+        self.budget(self.scorer.work_terms(len(x), y is not None, iw_samples))
 
         feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
@@ -191,8 +197,11 @@ class ServedModel:
         return ScoreResult(scores, threshold, scores.flagged(threshold))
 
     def _score_work(self, rows: int, key: tuple) -> int:
-        labelled, iw_samples = key
-        return self.scorer.work(rows, labelled, iw_samples)
+        """Linear in rows, so the work of one row per key is kept: the batcher asks several times per request."""
+        per_row = self._row_work.get(key)
+        if per_row is None:
+            per_row = self._row_work[key] = self.scorer.work(1, *key)
+        return rows * per_row
 
     def _score_batch(self, feeds: dict, key: tuple) -> scoring.Scores:
         """Score the raw rows of a batch of requests that share their options."""
@@ -213,7 +222,7 @@ class ServedModel:
         if not 0 <= temperature <= MAX_TEMPERATURE:
             raise InvalidInput(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}")
         y = self.one_hot(labels, count, required=True)
-        self.budget(count, (self.features, "features"))
+        self.budget([(count, "rows"), (self.features, "features")])
         # Conditional generation: z ~ N(0, T^2 I), x = decoder mean at (z, y).
         z = np.random.default_rng(seed).standard_normal((count, self.latent_dim), dtype=np.float32) * np.float32(temperature)
         params = await self.decode(z, y, deadline)
@@ -222,9 +231,28 @@ class ServedModel:
     async def decode_latent(self, z, labels, deadline=None) -> np.ndarray:
         z = self.finite(z, "z", MAX_LATENT)
         y = self.one_hot(labels, len(z), required=True)
-        self.budget(len(z), (self.features, "features"))
+        self.budget([(len(z), "rows"), (self.features, "features")])
         params = await self.decode(z, y, deadline)
         return self.scorer.normalizer.invert(scoring.decoder_mean(params, self.likelihood))
+
+
+def no_valid_version(repository) -> ConfigError:
+    return ConfigError(f"no valid model version under {repository}; the log says why each was skipped")
+
+
+def open_models(settings: Settings) -> list[Model]:
+    """Every version of the repository that reads, checks and opens (scan_repository, then Model); the
+    others are skipped with one log line naming the file and the reason. ConfigError when none is left."""
+    opened = []
+    for numbered in scan_repository(settings.repository).values():
+        for version in numbered.values():
+            try:
+                opened.append(Model(version, settings.intra_op_threads))
+            except ArtifactError as err:
+                log.error("skipping %s: %s", version.path, err)
+    if not opened:
+        raise no_valid_version(settings.repository)
+    return opened
 
 
 class ModelRegistry:
@@ -234,26 +262,23 @@ class ModelRegistry:
         self.models = models
 
     @classmethod
-    def load(cls, settings: Settings, executor: Executor, versions=None) -> "ModelRegistry":
-        """Open, check and warm up every valid version (`versions`: a scan_repository result, scanned
-        here when None). A version failing any check is skipped with one log line naming the file and
-        the reason; ConfigError when none is left."""
-        found = scan_repository(settings.repository) if versions is None else versions
+    def load(cls, settings: Settings, executor: Executor, opened: list[Model]) -> "ModelRegistry":
+        """Warm up every opened version and serve it; one whose warm-up fails its check is skipped with one
+        log line naming the file and the reason. ConfigError when none is left."""
         models = {}
-        for name, numbered in found.items():
-            for number, version in sorted(numbered.items()):
-                try:
-                    artifact = Model(version, settings.intra_op_threads)
-                    artifact.check(settings.warmup_rows)
-                except ArtifactError as err:
-                    log.error("skipping %s: %s", version.path, err)
-                    continue
-                models.setdefault(name, {})[number] = ServedModel(artifact, settings, executor)
-                log.info("loaded %s version %d (%s, providers %s)", name, number, version.manifest.model.kind,
-                         artifact.encoder.providers)  # fmt: skip
+        for artifact in opened:
+            version = artifact.version
+            try:
+                artifact.check(settings.warmup_rows)
+            except ArtifactError as err:
+                log.error("skipping %s: %s", version.path, err)
+                continue
+            models.setdefault(version.name, {})[version.version] = ServedModel(artifact, settings, executor)
+            log.info("loaded %s version %d (%s, providers %s)", version.name, version.version, version.manifest.model.kind,
+                     artifact.encoder.providers)  # fmt: skip
         if not models:
-            raise ConfigError(f"no valid model version under {settings.repository}; the log says why each was skipped")
-        return cls(models)
+            raise no_valid_version(settings.repository)
+        return cls({name: dict(sorted(numbered.items())) for name, numbered in models.items()})
 
     def get(self, name: str, version: int = 0) -> ServedModel:
         if not name:

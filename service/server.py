@@ -1,10 +1,10 @@
 """The grpc.aio server: Inference, grpc.health.v1, reflection; Prometheus /metrics on its own port;
 graceful shutdown; --workers N processes on one port through SO_REUSEPORT.
 
-Life of a worker: scan the repository (manifests and graph hashes; the message size limits follow from
-it), bind and answer health NOT_SERVING at once, open, check and warm up every valid version (off the
-event loop), then SERVING. A version failing a check is skipped with one log line; with none left the
-command exits 2 with one line. On SIGTERM/SIGINT: NOT_SERVING, stop accepting RPCs, let
+Life of a worker: read and open every version of the repository (manifests, graph hashes, ONNX Runtime
+sessions checked against their manifests; the message size limits follow from the versions that pass),
+bind and answer health NOT_SERVING at once, warm every version up (off the event loop), then SERVING. A
+version failing a check is skipped with one log line; with none left the command exits 2 with one line. On SIGTERM/SIGINT: NOT_SERVING, stop accepting RPCs, let
 batchers run what they hold without waiting to fill, finish in-flight RPCs within drain_seconds,
 exit 0.
 """
@@ -20,10 +20,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vaeserve.artifact.repository import ModelVersion, scan_repository
-from vaeserve.errors import ConfigError, VaeserveError
+from vaeserve.artifact.manifest import Manifest
+from vaeserve.artifact.repository import scan_repository
+from vaeserve.errors import VaeserveError
 from vaeserve.service import wire
-from vaeserve.service.models import ModelRegistry
+from vaeserve.service.models import ModelRegistry, no_valid_version, open_models
 from vaeserve.service.servicer import InferenceServicer
 from vaeserve.service.settings import Settings
 from vaeserve.v1 import vaeserve_pb2 as pb
@@ -34,33 +35,32 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
 SERVICE_NAME = SERVICE.full_name  # vaeserve.v1.Inference
 ENVELOPE_BYTES = 64 * 1024  # a message's names, options and framing beside its rows
+MAX_MESSAGE_BYTES = 2**31 - 1  # what gRPC's limits can hold
 
 
-def message_limits(settings: Settings, versions: dict[str, dict[int, ModelVersion]]) -> tuple[int, int]:
+def message_limits(settings: Settings, manifests: list[Manifest]) -> tuple[int, int]:
     """(receive, send) byte limits: the largest request the settings admit for the widest model served
     (max_rows rows of float32 features or latents, each with a label), and the largest response
     (max_request_values float32 samples, or max_rows rows of outputs)."""
-    manifests = [v.manifest for numbered in versions.values() for v in numbered.values()]
     widest = max(max(m.input.features, m.model.latent_dim) for m in manifests)
     label = max((len(name.encode()) for m in manifests for name in m.labels or ()), default=0)
     receive = settings.max_rows * (4 * widest + label + 8) + ENVELOPE_BYTES
     send = 4 * settings.max_request_values + settings.max_rows * (8 * widest + 64) + ENVELOPE_BYTES
-    return receive, send
+    return min(receive, MAX_MESSAGE_BYTES), min(send, MAX_MESSAGE_BYTES)
 
 
 class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.versions = scan_repository(settings.repository)
-        if not self.versions:
-            raise ConfigError(f"no valid model version under {settings.repository}; the log says why each was skipped")
+        # Opened (and checked) before the server exists: its message limits follow from the models served.
+        self.opened = open_models(settings)
         self.servicer = InferenceServicer()
         self.health = health.aio.HealthServicer()
         self.registry: ModelRegistry | None = None
         self.port: int | None = None
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(settings.compute_threads or os.cpu_count() or 1, thread_name_prefix="ort")
-        self.receive_limit, self.send_limit = message_limits(settings, self.versions)
+        self.receive_limit, self.send_limit = message_limits(settings, [m.manifest for m in self.opened])
         self._server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -82,7 +82,7 @@ class Server:
         await self._server.start()
         loop = asyncio.get_running_loop()
         try:
-            self.registry = await loop.run_in_executor(None, ModelRegistry.load, self.settings, self._executor, self.versions)
+            self.registry = await loop.run_in_executor(None, ModelRegistry.load, self.settings, self._executor, self.opened)
         except BaseException:
             await self._server.stop(0)
             self._executor.shutdown(wait=False)
@@ -165,7 +165,7 @@ def _serve_workers(settings: Settings) -> int:
     import multiprocessing
 
     if not scan_repository(settings.repository):  # fail once here rather than in every worker
-        raise ConfigError(f"no valid model version under {settings.repository}; the log says why each was skipped")
+        raise no_valid_version(settings.repository)
 
     # Multiprocess metrics: every worker writes its values under this folder (the variable must be
     # set before prometheus_client is imported in a worker), and the parent's /metrics sums them.
@@ -191,13 +191,15 @@ def _serve_workers(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    failed = 0
+    codes = []
     for worker in workers:
         worker.join()
         multiprocess.mark_process_dead(worker.pid)
+        codes.append(worker.exitcode)
         if worker.exitcode != 0:
             log.error("worker %d exited with %s", worker.pid, worker.exitcode)
-            failed += 1
     if own_dir is not None:
         own_dir.cleanup()
-    return 1 if failed else 0
+    if all(code == 2 for code in codes):  # every worker found nothing to serve, as one process would
+        return 2
+    return 1 if any(codes) else 0

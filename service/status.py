@@ -25,7 +25,6 @@ STATUS = {
     RequestExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
-_in_flight = 0  # RPCs inside a handler, on this event loop
 
 
 def status_of(err: VaeserveError) -> grpc.StatusCode:
@@ -48,8 +47,7 @@ def rpc(method):
 
     @functools.wraps(method)
     async def handler(self, request, context):
-        global _in_flight
-        _in_flight += 1
+        memory.rpc_started()
         start = time.perf_counter()
         model = getattr(request, "model", "")
         if model not in self.model_names:
@@ -73,8 +71,6 @@ def rpc(method):
         finally:
             requests(model, code.name).inc()
             latency(model).observe(time.perf_counter() - start)
-            _in_flight -= 1
-            if _in_flight == 0:
-                memory.rpcs_idle(asyncio.get_running_loop())
+            memory.rpc_finished(asyncio.get_running_loop())
 
     return handler

@@ -95,6 +95,8 @@ def add_service(server: grpc.aio.Server, register, servicer, descriptor) -> None
     guarded; `descriptor` (the service's protobuf ServiceDescriptor) names the request types."""
     recorder = _Recorder()
     register(servicer, recorder)
+    if not recorder.services:
+        raise RuntimeError(f"{register.__name__} registered no method handlers: the generated code is not what wire expects")
     for service, handlers in recorder.services:
         guarded = {
             name: _guard(f"/{service}/{name}", handler, descriptor.methods_by_name[name].input_type.full_name)

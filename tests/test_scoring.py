@@ -79,7 +79,7 @@ def cases(make_checkpoint, digits, tmp_path_factory) -> Cases:
         m = model.manifest
         out[f"{name}/served"] = Case(model.scorer, m.thresholds.default)
         for norm, normalizer in normalizers.items():
-            built = runtime.scorer(model.encoder, model.decoder, m.model.likelihood, normalizer, support, m.scoring)
+            built = runtime.scorer(model.encoder, model.decoder, normalizer, support, m.scoring)
             out[f"{name}/{norm}"] = Case(built, m.thresholds.default)
     assert out["cvae-mlp-gaussian/none"].scorer.class_prior is not None  # CVAEs score label-free
     return out

@@ -1,6 +1,13 @@
 """Domain errors. They know nothing of gRPC or the CLI: the CLI prints them as one line, the service
 maps them to status codes in one interceptor."""
 
+SHOWN = 64  # characters of someone else's string (a caller's label, a manifest's value) a message repeats
+
+
+def cut(text: str, limit: int = SHOWN) -> str:
+    """`text` cut to `limit` characters, saying how long it was, so an error message stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class VaeserveError(Exception):
     """A problem the user can act on; its message says what and where."""

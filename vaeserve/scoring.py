@@ -12,6 +12,7 @@ its batch or chunk.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -130,15 +131,11 @@ class Scores:
 
     @classmethod
     def concatenate(cls, parts: list["Scores"]) -> "Scores":
+        """Chunks of one batch, which agree on which fields they hold."""
         if len(parts) == 1:
             return parts[0]
-        joined = {f.name: None if getattr(parts[0], f.name) is None else np.concatenate([getattr(p, f.name) for p in parts])
-                  for f in fields(cls) if f.name != "support_distance"}  # fmt: skip
-        if any(p.support_distance is not None for p in parts):
-            joined["support_distance"] = np.concatenate([
-                np.zeros(p.per_feature.shape) if p.support_distance is None else p.support_distance for p in parts
-            ])  # fmt: skip
-        return cls(**joined)
+        return cls(**{f.name: None if getattr(parts[0], f.name) is None else np.concatenate([getattr(p, f.name) for p in parts])
+                      for f in fields(cls)})  # fmt: skip
 
 
 def score(
@@ -260,10 +257,16 @@ class Scorer:
         self.elbo_samples, self.seed, self.chunk_values = elbo_samples, seed, chunk_values
         self.features = len(normalizer.shift)
 
+    def work_terms(self, rows: int, labelled: bool = False, iw_samples: int = 0) -> list[tuple[int, str]]:
+        """The factors of a Score's work: rows x posterior samples (x classes, label-free) x features."""
+        terms = [(rows, "rows"), (self.elbo_samples + iw_samples, "posterior samples")]
+        if self.class_prior is not None and not labelled:
+            terms.append((len(self.class_prior), "classes"))
+        return terms + [(self.features, "features")]
+
     def work(self, rows: int, labelled: bool = False, iw_samples: int = 0) -> int:
-        """Values a Score computes: rows x posterior samples x classes (label-free) x features."""
-        classes = 1 if self.class_prior is None or labelled else len(self.class_prior)
-        return rows * classes * (self.elbo_samples + iw_samples) * self.features
+        """Values a Score computes."""
+        return math.prod(count for count, _ in self.work_terms(rows, labelled, iw_samples))
 
     def prepare(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rows -> (normalised rows inside the support, [rows, features] float64 distance of each
@@ -313,6 +316,13 @@ def _outside_and_fail_safe(s: Scores, distance: np.ndarray | None, penalty) -> S
                 a += row_nats
         s.support_distance = distance
     for a in (s.neg_elbo, s.reconstruction, s.kl, s.neg_iw, s.per_feature):
-        if a is not None and not (a > -np.inf).all():
-            a[~(a > -np.inf)] = np.inf  # NaN and -inf
+        if a is not None:
+            fail_safe(a)
     return s
+
+
+def fail_safe(a: np.ndarray) -> np.ndarray:
+    """NaN and -inf in a score become +inf, in place: a detector that cannot vouch for a row calls it anomalous."""
+    if not (a > -np.inf).all():
+        a[~(a > -np.inf)] = np.inf
+    return a

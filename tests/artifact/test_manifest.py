@@ -136,15 +136,17 @@ DAMAGES = {
     "feature names short": ("vae", _short("input", "feature_names"), "input.feature_names", "has 63 items; expected 64"),
     "input shape": ("vae", _set("input.shape", [-1, 63]), "input.shape", "must be [-1, 64]"),
     "image shape": ("vae", _set("input.image_shape", [1, 8, 7]), "input.image_shape", "[1, 8, 7] does not hold 64 features"),
-    "likelihood poisson": ("vae", _set("model.likelihood", "poisson"), "model.likelihood",
+    "likelihood poisson": ("vae", _set("scoring.likelihood", "poisson"), "scoring.likelihood",
                            "is 'poisson'; expected one of gaussian, gaussian-fixed, bernoulli"),  # fmt: skip
     "kind gan": ("vae", _set("model.kind", "gan"), "model.kind", "is 'gan'; expected one of vae, cvae, ppca"),
-    "latent_dim 0": ("vae", _set("model.latent_dim", 0), "model.latent_dim", "must be >= 1, got 0"),
+    "latent_dim 0": ("vae", _set("model.latent_dim", 0), "model.latent_dim", "must be in [1, 16777216], got 0"),
+    "latent_dim huge": ("vae", _set("model.latent_dim", 10**6 * 100), "model.latent_dim", "must be in [1, 16777216]"),
+    "features huge": ("vae", _set("input.features", 1 << 25), "input.features", "must be in [1, 16777216]"),
     "latent_dim true": ("vae", _set("model.latent_dim", True), "model.latent_dim", "has the wrong type (boolean"),
     # The graphs' tensors no longer agree with the model they claim to be.
     "latent_dim 5": ("vae", _set("model.latent_dim", 5), "graphs.encoder.outputs",
                      "are not this model's: expected mu [-1, 5], logvar [-1, 5]"),  # fmt: skip
-    "gaussian likelihood, bernoulli decoder": ("vae", _set("model.likelihood", "gaussian"), "graphs.decoder.outputs",
+    "gaussian likelihood, bernoulli decoder": ("vae", _set("scoring.likelihood", "gaussian"), "graphs.decoder.outputs",
                                                "are not this model's: expected x_mean [-1, 64], x_logvar [-1, 64]"),  # fmt: skip
     "encoder file ../": ("vae", _set("graphs.encoder.file", "../x.onnx"), "graphs.encoder.file",
                          "'../x.onnx' must be a file name inside the version folder"),  # fmt: skip
@@ -204,10 +206,10 @@ def test_not_an_object_is_refused():
 
 
 def test_read_manifest_names_the_file_and_the_key(version):
-    rewrite(version, _set("model.likelihood", "poisson"))
+    rewrite(version, _set("scoring.likelihood", "poisson"))
     with pytest.raises(ArtifactError) as failure:
         read_manifest(version)
-    assert str(failure.value).startswith(f"{version / MANIFEST}: corrupt manifest: model.likelihood is 'poisson'")
+    assert str(failure.value).startswith(f"{version / MANIFEST}: corrupt manifest: scoring.likelihood is 'poisson'")
 
 
 @pytest.mark.parametrize("literal, value", [("NaN", math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf)])

@@ -53,7 +53,7 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     checkpoint = load_checkpoint(make_checkpoint("cvae"))
     assert m["schema_version"] == 2 and m["name"] == "cvae" and m["version"] == 1
     assert m["created"].endswith("+00:00")
-    assert m["model"] == {"kind": "cvae", "arch": "mlp", "latent_dim": 4, "likelihood": "bernoulli"}
+    assert m["model"] == {"kind": "cvae", "arch": "mlp", "latent_dim": 4}
     assert m["input"] == {
         "features": 64, "dtype": "float32", "shape": [-1, 64], "image_shape": [1, 8, 8],
         "feature_names": checkpoint.data.feature_names,
@@ -62,7 +62,7 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     prior = m["scoring"]["class_prior"]
     assert math.isclose(sum(prior), 1.0) and min(prior) > 0.08
     assert {k: v for k, v in m["scoring"].items() if k != "class_prior"} == {
-        "elbo_samples": scoring.ELBO_SAMPLES, "iw_samples": scoring.IW_SAMPLES, "seed": scoring.SEED}
+        "likelihood": "bernoulli", "elbo_samples": scoring.ELBO_SAMPLES, "iw_samples": scoring.IW_SAMPLES, "seed": scoring.SEED}
     normalizer = Normalizer.from_dict(m["normalization"])
     assert normalizer.kind == "minmax" and np.array_equal(normalizer.scale, checkpoint.data.normalization.scale)
     # The support is the raw range of every digits row; pixels share one range.

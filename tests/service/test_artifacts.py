@@ -45,6 +45,13 @@ def latent_dim_everywhere(folder, manifest, source):
         tensor["shape"] = [-1, 5]
 
 
+def latent_dim_wide(folder, manifest, source):
+    # As latent_dim_everywhere, at a width that would raise the server's message limits to ~300 MiB.
+    manifest["model"]["latent_dim"] = 20_000
+    for tensor in (*manifest["graphs"]["encoder"]["outputs"], manifest["graphs"]["decoder"]["inputs"][0]):
+        tensor["shape"] = [-1, 20_000]
+
+
 def garbage_decoder(folder, manifest, source):
     replace_graph(folder, manifest, "decoder", b"\x08\x07garbage, not a protobuf" * 64)
 
@@ -58,7 +65,7 @@ def short_scale(folder, manifest, source):
 
 
 def poisson(folder, manifest, source):
-    manifest["model"]["likelihood"] = "poisson"
+    manifest["scoring"]["likelihood"] = "poisson"
 
 
 def zero_scale(folder, manifest, source):
@@ -98,11 +105,13 @@ DAMAGES = [
            r"corrupt manifest: graphs\.encoder\.outputs are not this model's: expected mu \[-1, 5\], logvar \[-1, 5\]$"),
     Damage("vae", 4, latent_dim_everywhere, "Model", "decoder.onnx",
            r"z is tensor\(float\) \['batch', 4\]; the manifest says float32 \[batch, 5\]$"),
+    Damage("vae", 10, latent_dim_wide, "Model", "decoder.onnx",
+           r"z is tensor\(float\) \['batch', 4\]; the manifest says float32 \[batch, 20000\]$"),
     Damage("other", 1, garbage_decoder, "Model", "decoder.onnx", r"ONNX Runtime cannot load it \(.+\)$"),
     Damage("vae", 5, nan_threshold, "load_version", MANIFEST, r"corrupt manifest: thresholds\.default must be finite, got nan$"),
     Damage("vae", 6, short_scale, "load_version", MANIFEST,
            r"corrupt manifest: normalization\.scale: 63 values for 64 features$"),
-    Damage("other", 2, poisson, "load_version", MANIFEST, r"corrupt manifest: model\.likelihood is 'poisson'; expected one of "),
+    Damage("other", 2, poisson, "load_version", MANIFEST, r"corrupt manifest: scoring\.likelihood is 'poisson'; expected one of "),
     Damage("vae", 7, zero_scale, "load_version", MANIFEST,
            r"corrupt manifest: normalization\.scale: every value must be > 0 \(feature 10 is 0\)$"),
     Damage("vae", 8, absolute_encoder, "load_version", MANIFEST,
@@ -187,6 +196,11 @@ def test_server_serves_only_the_intact_version(damaged_repository, start_server,
             with pytest.raises(grpc.RpcError) as failure:
                 client.score("vae", x, version=2)
             assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+            # The message limits follow from the intact version alone, not from vae/10's claimed 20000
+            # latent dimensions: 3 MB is past them.
+            with pytest.raises(grpc.RpcError) as failure:
+                client.score("vae", x[:1], labels=["x" * 3_000_000])
+            assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         exit_code = server.stop()
     assert exit_code == 0

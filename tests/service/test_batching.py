@@ -81,9 +81,10 @@ def gate(executor):
 
 
 def make_batcher(run, executor, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int = 64,
-                 inline_work: int = 0):  # fmt: skip
-    """A batcher whose batches all run in the executor, unless `inline_work` says otherwise."""
-    config = BatcherConfig(max_batch_size, max_queue_delay, max_queue_size)
+                 inline_work: int = 0, max_work: int | None = None, max_queued_work: int | None = None):  # fmt: skip
+    """A batcher whose batches all run in the executor, unless `inline_work` says otherwise. Its work is
+    the rows (the default)."""
+    config = BatcherConfig(max_batch_size, max_queue_delay, max_queue_size, max_work, max_queued_work)
     return DynamicBatcher(run, config, executor, model=f"batching-test-{next(_model_ids)}", graph="g",
                           inline_work=inline_work)  # fmt: skip
 
@@ -180,6 +181,51 @@ def test_full_queue_answers_queue_full_at_once(executor, gate):
     assert_answered(first, 1)
     assert_answered(second, 2)
     assert run.batches == [(None, [0, 0]), (None, [1, 2])]
+
+
+def test_a_batch_holds_at_most_max_work_unless_one_request_does(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, max_work=5)
+    sizes = [3, 2, 4, 1, 7, 1]  # rows, and work: 7 alone is over the cap and runs alone
+
+    async def scenario():
+        batcher.start()
+        head = submit(batcher, 99, rows=64)
+        await run.computing()
+        calls = [submit(batcher, i, rows) for i, rows in enumerate(sizes)]
+        await until_pending(batcher, 1 + len(sizes))
+        batcher.drain()
+        gate.release(100)
+        return await asyncio.gather(head, *calls)
+
+    head, *results = serve(scenario())
+    for i, (rows, result) in enumerate(zip(sizes, results)):
+        assert_answered(result, i, rows)
+    batches = [ids for _, ids in run.batches[1:]]
+    assert batches == [[0, 0, 0, 1, 1], [2, 2, 2, 2, 3], [4] * 7, [5]]
+
+
+def test_queued_work_over_max_queued_work_is_queue_full(executor, gate):
+    run = Recorder(gate)
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, max_queued_work=10)
+
+    async def scenario():
+        batcher.start()
+        head = submit(batcher, 0, rows=64)  # computing, held at the gate: the queue is empty
+        await run.computing()
+        alone = submit(batcher, 1, rows=12)  # over the cap, but alone in the queue: taken
+        await until_pending(batcher, 2)
+        with pytest.raises(QueueFull, match="queue holds 12 values of work, 1 more would pass its 10"):
+            await batcher.submit(request(2))
+        gate.release(100)
+        first, second = await asyncio.gather(head, alone)
+        then = await batcher.submit(request(3, 4))  # the queue emptied: room again
+        return first, second, then
+
+    head, alone, then = serve(scenario())
+    assert_answered(alone, 1, rows=12)
+    assert_answered(then, 3, rows=4)
+    assert pending(batcher) == 0
 
 
 def test_request_past_its_deadline_in_the_queue_expires_before_compute(executor, gate):

@@ -21,7 +21,7 @@ class Reference:
         self.manifest = version.manifest
         self.encoder, self.encode, self.decode = self.model.encoder, self.model.encode, self.model.decode
         self.normalizer = self.manifest.normalization
-        self.likelihood = self.manifest.model.likelihood
+        self.likelihood = self.manifest.scoring.likelihood
         self.labels = list(self.manifest.labels) if self.manifest.labels else None
 
     def one_hot(self, labels):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaeserve.errors import ArtifactError
+from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.scoring import LIKELIHOODS, decoder_outputs
 
@@ -26,6 +26,8 @@ MANIFEST = "manifest.json"
 KINDS = ("vae", "cvae", "ppca")
 SCORES = ("neg_elbo", "neg_iw")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_WIDTH = 1 << 24  # features or latent dimensions of a model: a 4096 x 4096 image; more is a corrupt manifest
+MAX_LABEL = 1024  # characters of a label name
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -74,7 +76,6 @@ class ModelInfo:
     kind: str  # vae | cvae | ppca
     arch: str  # mlp | conv (informational)
     latent_dim: int
-    likelihood: str  # gaussian | gaussian-fixed | bernoulli
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class InputInfo:
 class ScoringInfo:
     """What Score needs beyond the graphs, and what the thresholds were calibrated with."""
 
+    likelihood: str  # p(x|z): gaussian | gaussian-fixed | bernoulli; names the decoder's outputs too
     elbo_samples: int  # posterior samples of the ELBO's reconstruction term
     iw_samples: int  # K of the importance-weighted bound the neg_iw quantiles were calibrated at
     seed: int  # of the posterior noise
@@ -152,13 +154,12 @@ class Manifest:
             "name": self.name,
             "version": self.version,
             "created": self.created,
-            "model": {"kind": self.model.kind, "arch": self.model.arch, "latent_dim": self.model.latent_dim,
-                      "likelihood": self.model.likelihood},  # fmt: skip
+            "model": {"kind": self.model.kind, "arch": self.model.arch, "latent_dim": self.model.latent_dim},
             "input": self.input.to_dict(),
             "labels": None if self.labels is None else {"names": list(self.labels)},
             "normalization": self.normalization.to_dict(),
             "support": self.support.to_dict(),
-            "scoring": {"elbo_samples": self.scoring.elbo_samples, "iw_samples": self.scoring.iw_samples,
+            "scoring": {"likelihood": self.scoring.likelihood, "elbo_samples": self.scoring.elbo_samples, "iw_samples": self.scoring.iw_samples,
                         "seed": self.scoring.seed,
                         "class_prior": None if self.scoring.class_prior is None else list(self.scoring.class_prior)},  # fmt: skip
             "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
@@ -207,10 +208,11 @@ class _Object:
             raise _Corrupt(f"{self.key(key)} has the wrong type ({_type(value)}; expected {expected})")
         return value
 
-    def integer(self, key: str, minimum: int = 0) -> int:
+    def integer(self, key: str, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.get(key, (int,), "an integer")
-        if value < minimum:
-            raise _Corrupt(f"{self.key(key)} must be >= {minimum}, got {value}")
+        if value < minimum or maximum is not None and value > maximum:
+            rule = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise _Corrupt(f"{self.key(key)} must be {rule}, got {value}")
         return value
 
     def number(self, key: str, check: Callable[[float], bool] = math.isfinite, rule: str = "finite") -> float:
@@ -222,9 +224,9 @@ class _Object:
     def string(self, key: str, choices: tuple[str, ...] | None = None, pattern: re.Pattern | None = None) -> str:
         value = self.get(key, (str,), "a string")
         if choices is not None and value not in choices:
-            raise _Corrupt(f"{self.key(key)} is {_cut(value)!r}; expected one of {', '.join(choices)}")
+            raise _Corrupt(f"{self.key(key)} is {cut(value)!r}; expected one of {', '.join(choices)}")
         if pattern is not None and not pattern.fullmatch(value):
-            raise _Corrupt(f"{self.key(key)} {_cut(value)!r} is not a valid value")
+            raise _Corrupt(f"{self.key(key)} {cut(value)!r} is not a valid value")
         return value
 
     def boolean(self, key: str) -> bool:
@@ -266,10 +268,6 @@ def _type(value) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _cut(text: str, limit: int = 64) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _read(d) -> Manifest:
     top = _Object(d, "")
     version = top.get("schema_version", (int,), "an integer")
@@ -282,11 +280,11 @@ def _read(d) -> Manifest:
         raise _Corrupt(f"schema_version {version!r} is not supported; this vaeserve reads {SCHEMA_VERSION}{hint}")
 
     m = top.object("model")
-    model = ModelInfo(m.string("kind", KINDS), m.string("arch"), m.integer("latent_dim", 1), m.string("likelihood", LIKELIHOODS))
+    model = ModelInfo(m.string("kind", KINDS), m.string("arch"), m.integer("latent_dim", 1, MAX_WIDTH))
     m.done()
 
     i = top.object("input")
-    features = i.integer("features", 1)
+    features = i.integer("features", 1, MAX_WIDTH)
     i.string("dtype", ("float32",))
     if i.items("shape", int) != (-1, features):
         raise _Corrupt(f"input.shape must be [-1, {features}]")
@@ -304,6 +302,8 @@ def _read(d) -> Manifest:
         lab.done()
     if conditional and (labels is None or len(labels) < 2 or len(set(labels)) != len(labels)):
         raise _Corrupt("labels.names: a cvae needs at least 2 distinct label names")
+    if labels is not None and max(len(name) for name in labels) > MAX_LABEL:
+        raise _Corrupt(f"labels.names: a label name is longer than {MAX_LABEL} characters")
     if not conditional and labels is not None:
         raise _Corrupt(f"labels must be null for a {model.kind}")
 
@@ -318,11 +318,12 @@ def _read(d) -> Manifest:
             raise _Corrupt("scoring.class_prior: a cvae needs one finite probability > 0 per label, summing to 1")
     elif prior is not None:
         raise _Corrupt(f"scoring.class_prior must be null for a {model.kind}")
-    scoring = ScoringInfo(s.integer("elbo_samples", 1), s.integer("iw_samples", 1), s.integer("seed"), prior)
+    scoring = ScoringInfo(s.string("likelihood", LIKELIHOODS), s.integer("elbo_samples", 1), s.integer("iw_samples", 1),
+                          s.integer("seed"), prior)  # fmt: skip
     s.done()
 
     g = top.object("graphs")
-    contract = graph_contract(features, model.latent_dim, model.likelihood, classes)
+    contract = graph_contract(features, model.latent_dim, scoring.likelihood, classes)
     graphs = {name: _graph(g, name, *contract[name]) for name in ("encoder", "decoder")}
     g.done()
 
@@ -371,7 +372,7 @@ def _graph(graphs: _Object, name: str, inputs: tuple, outputs: tuple) -> GraphIn
     g = graphs.object(name)
     file = g.string("file")
     if Path(file).name != file or file in (".", "..") or os.sep in file or "/" in file:
-        raise _Corrupt(f"{g.key('file')} {_cut(file)!r} must be a file name inside the version folder")
+        raise _Corrupt(f"{g.key('file')} {cut(file)!r} must be a file name inside the version folder")
     info = GraphInfo(file, g.string("sha256", pattern=_SHA256), _tensors(g, "inputs"), _tensors(g, "outputs"))
     g.done()
     for side, want in (("inputs", inputs), ("outputs", outputs)):

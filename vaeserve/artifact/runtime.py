@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from vaeserve.artifact.manifest import GraphInfo, ScoringInfo
 from vaeserve.artifact.repository import ModelVersion
-from vaeserve.errors import ArtifactError
+from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.scoring import Decode, Encode, Scorer
 
@@ -111,11 +111,10 @@ def callables(encoder: Graph, decoder: Graph) -> tuple[Encode, Decode]:
     return encode, decode
 
 
-def scorer(encoder: Graph, decoder: Graph, likelihood: str, normalization: Normalizer, support: Support,
-           info: ScoringInfo) -> Scorer:  # fmt: skip
+def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: Support, info: ScoringInfo) -> Scorer:
     """The Scorer of two graphs with a manifest's scoring settings."""
     prior = None if info.class_prior is None else np.asarray(info.class_prior, np.float64)
-    return Scorer(*callables(encoder, decoder), likelihood, normalization, support, class_prior=prior,
+    return Scorer(*callables(encoder, decoder), info.likelihood, normalization, support, class_prior=prior,
                   elbo_samples=info.elbo_samples, seed=info.seed)  # fmt: skip
 
 
@@ -128,7 +127,7 @@ class Model:
         self.encoder = Graph(version.encoder_path, m.encoder, intra_op_threads)
         self.decoder = Graph(version.decoder_path, m.decoder, intra_op_threads)
         self.encode, self.decode = callables(self.encoder, self.decoder)
-        self.scorer = scorer(self.encoder, self.decoder, m.model.likelihood, m.normalization, m.support, m.scoring)
+        self.scorer = scorer(self.encoder, self.decoder, m.normalization, m.support, m.scoring)
         self.check(CHECK_ROWS)
 
     def check(self, rows: int) -> None:
@@ -144,6 +143,5 @@ class Model:
         self.decoder.check_run({"z": mu, "y": y})
 
 
-def _first_line(err: Exception, limit: int = 200) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + "..."
+def _first_line(err: Exception) -> str:
+    return cut((str(err).strip().splitlines() or [type(err).__name__])[0], 200)
