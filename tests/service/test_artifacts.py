@@ -239,3 +239,17 @@ def test_server_with_no_valid_version_exits_2_with_one_line(damaged_repository, 
                          "the log says why each was skipped"), output  # fmt: skip
     assert sum("no valid model version" in line for line in lines) == 1, output
     assert sorted(skipping_lines(output)) == sorted(str(folder_of(root, case)) for case in DAMAGES), output
+
+
+def test_workers_with_no_valid_version_exit_2(damaged_repository, start_server, tmp_path):
+    """--workers 2 where the versions fail only when opened: each worker finds nothing, the command exits 2."""
+    root = tmp_path / "models"
+    shutil.copytree(damaged_repository / "other", root / "other")  # garbage ONNX behind a matching sha256
+    server = start_server(root, log=tmp_path / "serve.log", workers=2)
+    try:
+        assert server.process.wait(EXIT_TIMEOUT) == 2
+    finally:
+        server.stop()
+    output = server.log_text()
+    assert "Traceback" not in output, output
+    assert output.count("no valid model version") == 2, output  # one line from each worker
