@@ -70,7 +70,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model=model.name, version=model.version, threshold=result.threshold,
             neg_elbo=s.neg_elbo.tolist(), reconstruction=s.reconstruction.tolist(), kl=s.kl.tolist(),
             is_anomaly=result.is_anomaly.tolist(),
-            out_of_support=[False] * len(s.neg_elbo) if s.support_distance is None else s.out_of_support.tolist(),
+            out_of_support=s.out_of_support.tolist(),
         )  # fmt: skip
         if request.per_feature:
             response.per_feature.CopyFrom(to_tensor(s.per_feature))

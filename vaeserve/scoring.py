@@ -301,24 +301,23 @@ class Scorer:
                       elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed)  # fmt: skip
                 for start in range(0, rows, chunk)
             ]
-            return _outside_and_fail_safe(Scores.concatenate(parts), distance, self.penalty)
+            return self._outside_and_fail_safe(Scores.concatenate(parts), distance)
 
-
-def _outside_and_fail_safe(s: Scores, distance: np.ndarray | None, penalty) -> Scores:
-    """The support penalty of values outside, and +inf for NaN and -inf. In place: the arrays are the
-    scorer's own."""
-    if distance is not None:
-        nats = penalty(distance)
-        s.per_feature += nats
-        row_nats = nats.sum(axis=1)
-        for a in (s.neg_elbo, s.reconstruction, s.neg_iw):
+    def _outside_and_fail_safe(self, s: Scores, distance: np.ndarray | None) -> Scores:
+        """The support penalty of values outside, and +inf for NaN and -inf. In place: the arrays are the
+        scorer's own."""
+        if distance is not None:
+            nats = self.penalty(distance)
+            s.per_feature += nats
+            row_nats = nats.sum(axis=1)
+            for a in (s.neg_elbo, s.reconstruction, s.neg_iw):
+                if a is not None:
+                    a += row_nats
+            s.support_distance = distance
+        for a in (s.neg_elbo, s.reconstruction, s.kl, s.neg_iw, s.per_feature):
             if a is not None:
-                a += row_nats
-        s.support_distance = distance
-    for a in (s.neg_elbo, s.reconstruction, s.kl, s.neg_iw, s.per_feature):
-        if a is not None:
-            fail_safe(a)
-    return s
+                fail_safe(a)
+        return s
 
 
 def fail_safe(a: np.ndarray) -> np.ndarray:

@@ -223,17 +223,23 @@ def test_server_serves_only_the_intact_version(damaged_repository, start_server,
         assert f"skipping {folder}: {folder / case.file}: " in line and re.search(case.reason, line), line
 
 
-def test_server_with_no_valid_version_exits_2_with_one_line(damaged_repository, start_server, tmp_path):
-    root = tmp_path / "models"
-    shutil.copytree(damaged_repository, root, symlinks=True)  # the outside link stays a link
-    shutil.rmtree(root / "vae" / "1")
-    server = start_server(root, log=tmp_path / "serve.log")
+def output_of_exit_2(start_server, root, log, **settings) -> str:
+    """Start `vaeserve serve` on a repository with nothing valid: it exits 2, without a traceback; its output."""
+    server = start_server(root, log=log, **settings)
     try:
         assert server.process.wait(EXIT_TIMEOUT) == 2
     finally:
         server.stop()
     output = server.log_text()
     assert "Traceback" not in output, output
+    return output
+
+
+def test_server_with_no_valid_version_exits_2_with_one_line(damaged_repository, start_server, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(damaged_repository, root, symlinks=True)  # the outside link stays a link
+    shutil.rmtree(root / "vae" / "1")
+    output = output_of_exit_2(start_server, root, tmp_path / "serve.log")
     lines = output.strip().splitlines()
     assert lines[-1] == (f"vaeserve serve: error: no valid model version under {root}; "
                          "the log says why each was skipped"), output  # fmt: skip
@@ -245,11 +251,5 @@ def test_workers_with_no_valid_version_exit_2(damaged_repository, start_server, 
     """--workers 2 where the versions fail only when opened: each worker finds nothing, the command exits 2."""
     root = tmp_path / "models"
     shutil.copytree(damaged_repository / "other", root / "other")  # garbage ONNX behind a matching sha256
-    server = start_server(root, log=tmp_path / "serve.log", workers=2)
-    try:
-        assert server.process.wait(EXIT_TIMEOUT) == 2
-    finally:
-        server.stop()
-    output = server.log_text()
-    assert "Traceback" not in output, output
+    output = output_of_exit_2(start_server, root, tmp_path / "serve.log", workers=2)
     assert output.count("no valid model version") == 2, output  # one line from each worker
