@@ -25,8 +25,8 @@ batches grow with load. Results are split back to the callers in order.
 
 Every request gets exactly one answer: its rows, the batch's error (a failing batch fails only its
 own callers), RequestExpired when its deadline passed in the queue, or nothing when its caller
-cancelled (it is dropped before compute). A full queue (max_queue_size requests, or max_queued_work
-values of work) answers QueueFull at once, except to requests that arrive while a batch is about to
+cancelled (it is dropped before compute). A full queue (max_queue_size requests, or, for a request
+larger than inline_work, max_queued_work values of work) answers QueueFull at once, except to requests that arrive while a batch is about to
 start: they join it instead of waiting. A batch holds at most max_work values of work unless one
 request alone holds more.
 """
@@ -134,7 +134,10 @@ class DynamicBatcher:
         rows = next(iter(feeds.values())).shape[0]
         work = self._work(rows, key)
         cap = self.config.max_queued_work
-        if cap is not None and self._queue and self._queued_work + work > cap and not self._starting(now):
+        # The cap holds back large requests only: small ones (max_queue_size bounds them) must not starve
+        # behind a client that keeps the queue full of the largest requests.
+        if (cap is not None and work > self._inline_work and self._queue and self._queued_work + work > cap
+                and not self._starting(now)):  # fmt: skip
             raise QueueFull(f"model {self.model!r} {self.graph} queue holds {self._queued_work:,} values of work, "
                             f"{work:,} more would pass its {cap:,}; retry later")  # fmt: skip
         if not self._queue and self._computing is None and now - self._idle_since > self.config.max_queue_delay:

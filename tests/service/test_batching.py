@@ -205,26 +205,30 @@ def test_a_batch_holds_at_most_max_work_unless_one_request_does(executor, gate):
     assert batches == [[0, 0, 0, 1, 1], [2, 2, 2, 2, 3], [4] * 7, [5]]
 
 
-def test_queued_work_over_max_queued_work_is_queue_full(executor, gate):
+def test_queued_work_over_max_queued_work_is_queue_full_for_large_requests(executor, gate):
     run = Recorder(gate)
-    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, max_queued_work=10)
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, max_queued_work=10,
+                           inline_work=2)  # fmt: skip
 
     async def scenario():
         batcher.start()
-        head = submit(batcher, 0, rows=64)  # computing, held at the gate: the queue is empty
+        head = submit(batcher, 0, rows=64)  # computing in the executor, held at the gate: the queue is empty
         await run.computing()
         alone = submit(batcher, 1, rows=12)  # over the cap, but alone in the queue: taken
-        await until_pending(batcher, 2)
-        with pytest.raises(QueueFull, match="queue holds 12 values of work, 1 more would pass its 10"):
-            await batcher.submit(request(2))
+        small = submit(batcher, 2, rows=2)  # small (work <= inline_work): the cap does not hold it back
+        await until_pending(batcher, 3)
+        with pytest.raises(QueueFull, match="queue holds 14 values of work, 3 more would pass its 10"):
+            await batcher.submit(request(3, 3))
         gate.release(100)
-        first, second = await asyncio.gather(head, alone)
-        then = await batcher.submit(request(3, 4))  # the queue emptied: room again
-        return first, second, then
+        answers = await asyncio.gather(head, alone, small)
+        batcher.drain()  # alone and small shared a batch: a lone request would now wait out the delay
+        then = await batcher.submit(request(4, 4))  # the queue emptied: room again
+        return *answers, then
 
-    head, alone, then = serve(scenario())
+    head, alone, small, then = serve(scenario())
     assert_answered(alone, 1, rows=12)
-    assert_answered(then, 3, rows=4)
+    assert_answered(small, 2, rows=2)
+    assert_answered(then, 4, rows=4)
     assert pending(batcher) == 0
 
 
