@@ -61,6 +61,35 @@ def register(subparsers) -> None:
     memory.add_argument("--pause", type=float, default=3.0, help="idle seconds before reading memory again (default 3)")
     memory.add_argument("--out", type=Path, default=Path("runs/bench-memory"), help="folder for the server's log")
 
+    drain = command("drain", "drain", "SIGTERM under single-row load: calls already sent finish, NOT_SERVING first")
+    drain.add_argument("--model", help="model to load (default: the first in the repository)")
+    drain.add_argument("--callers", type=int, default=64, help="concurrent callers (default 64)")
+    drain.add_argument("--before", type=float, default=2.0, help="seconds of load before SIGTERM (default 2)")
+    drain.add_argument("--notice", type=float, default=2.0, help="the server's drain_notice_seconds (default 2)")
+    drain.add_argument("--seconds", type=float, default=30.0, help="callers stop after this long at most (default 30)")
+    drain.add_argument("--out", type=Path, default=Path("runs/bench-drain"), help="folder for the server's log")
+    drain.add_argument("--json", action="store_true", help="also print the results as JSON")
+
+    overload = command("overload", "overload", "open-loop Score above capacity: RESOURCE_EXHAUSTED, not CANCELLED")
+    overload.add_argument("--model", help="model to load (default: the first in the repository)")
+    overload.add_argument("--rows", type=int, default=64, help="rows per Score (default 64)")
+    overload.add_argument("--callers", type=int, default=16, help="closed-loop callers measuring capacity (default 16)")
+    overload.add_argument("--factor", type=float, default=3.0, help="offered load, times capacity (default 3)")
+    overload.add_argument("--seconds", type=float, default=30.0, help="seconds of overload (default 30)")
+    overload.add_argument("--deadline", type=float, default=1.0, help="each call's deadline in seconds (default 1)")
+    overload.add_argument("--max-outstanding", type=int, default=20_000, help="calls in flight at most (default 20000)")
+    overload.add_argument("--max-batch-size", type=int, default=256, help="the server's max_batch_size (default 256)")
+    overload.add_argument("--out", type=Path, default=Path("runs/bench-overload"), help="folder for the server's log")
+    overload.add_argument("--json", action="store_true", help="also print the results as JSON")
+
+    reload = command("reload", "reload", "new versions while serving: failed calls, time to be served, memory over cycles")
+    reload.add_argument("--model", help="model to copy versions of (default: the first in the repository)")
+    reload.add_argument("--callers", type=int, default=64, help="concurrent single-row Score callers (default 64)")
+    reload.add_argument("--seconds", type=float, default=10.0, help="seconds of swaps under load (default 10)")
+    reload.add_argument("--cycles", type=int, default=50, help="add/remove cycles of the memory phase (default 50)")
+    reload.add_argument("--poll", type=float, default=0.5, help="the server's repository_poll_seconds (default 0.5)")
+    reload.add_argument("--out", type=Path, default=Path("runs/bench-reload"), help="folder for the server's log")
+
     fashion = command("fashion-mnist", "fashion_mnist", "conv VAE on Fashion-MNIST: test -ELBO and K-sample bound (minutes)",
                       repository=False)  # fmt: skip
     fashion.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default ../shared/datasets/fashion-mnist)")

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -23,6 +23,7 @@ class ServerProcess:
     port: int
     metrics_port: int
     log: Path | None = None  # the server's stdout and stderr, when kept
+    settings: dict = field(default_factory=dict)  # what start_server was given
 
     @property
     def target(self) -> str:
@@ -31,18 +32,20 @@ class ServerProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log is not None and self.log.exists() else ""
 
-    def health(self, service: str = "") -> int | None:
-        """The health status, or None while nothing answers."""
+    def health(self, service: str = "", credentials=None) -> int | None:
+        """The health status, or None while nothing answers; `credentials` (grpc.ChannelCredentials) for
+        a TLS port."""
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(self.target) as channel:
+        channel = grpc.insecure_channel(self.target) if credentials is None else grpc.secure_channel(self.target, credentials)
+        with channel:
             try:
                 return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
             except grpc.RpcError:
                 return None
 
-    def wait_serving(self, timeout: float = 60.0) -> list[int | None]:
+    def wait_serving(self, timeout: float = 60.0, credentials=None) -> list[int | None]:
         """Poll health until SERVING; the statuses seen on the way."""
         from grpc_health.v1 import health_pb2
 
@@ -50,7 +53,7 @@ class ServerProcess:
         while time.monotonic() < end:
             if self.process.poll() is not None:
                 raise RuntimeError(f"vaeserve serve exited with {self.process.returncode}\n{self.log_text()}")
-            status = self.health()
+            status = self.health(credentials=credentials)
             seen.append(status)
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return seen
@@ -90,8 +93,9 @@ def start_server(repository: Path, *, log: Path | None = None, entry_point: bool
     """`vaeserve serve` on free loopback ports, settings as VAESERVE_* variables. `entry_point` runs the
     installed console script (as the image does) instead of `python -m vaeserve.cli`."""
     port, metrics_port = free_port(), free_port()
-    env = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1",
-               VAESERVE_PORT=str(port), VAESERVE_METRICS_PORT=str(metrics_port))  # fmt: skip
+    # No drain notice unless asked: there is no balancer on loopback to notice NOT_SERVING.
+    env = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1", VAESERVE_METRICS_HOST="127.0.0.1",
+               VAESERVE_PORT=str(port), VAESERVE_METRICS_PORT=str(metrics_port), VAESERVE_DRAIN_NOTICE_SECONDS="0")  # fmt: skip
     env.update({f"VAESERVE_{name.upper()}": str(value) for name, value in settings.items()})
     command = [str(Path(sys.executable).with_name("vaeserve"))] if entry_point else [sys.executable, "-m", "vaeserve.cli"]
     out = open(log, "w") if log is not None else subprocess.DEVNULL
@@ -100,4 +104,4 @@ def start_server(repository: Path, *, log: Path | None = None, entry_point: bool
     finally:
         if log is not None:
             out.close()
-    return ServerProcess(process, port, metrics_port, log)
+    return ServerProcess(process, port, metrics_port, log, settings)

@@ -3,6 +3,7 @@ onnxruntime) so building --help is quick; each command imports what it runs."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,13 +19,16 @@ def register(subparsers) -> None:
         "dynamic batching), with health, reflection and Prometheus metrics. Every flag has an environment "
         "variable; a flag wins over its variable.",
     )
-    for name, env, default, doc in describe():
+    for name, env, default, doc, kind in describe():
         flag = "--" + name.replace("_", "-")
-        kind = {"repository": Path, "host": str}.get(name, type(default))
         serve.add_argument(flag, dest=name, type=kind, default=None, help=f"{doc} [{env}; default {default}]")
     serve.set_defaults(func=_serve)
 
-    client = subparsers.add_parser("client", help="call a running server", description="Call a vaeserve server.")
+    client = subparsers.add_parser(
+        "client", help="call a running server",
+        description="Call a vaeserve server. --ca turns TLS on, --cert/--key add a client certificate (mTLS), "
+        "--token sends a bearer token; each has an environment variable, and a flag wins over its variable.",
+    )  # fmt: skip
     commands = client.add_subparsers(dest="client_command", metavar="RPC", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--host", default="localhost", help="server host (default localhost)")
@@ -33,6 +37,15 @@ def register(subparsers) -> None:
     common.add_argument("--version", type=int, default=0, help="model version (default: newest)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    common.add_argument("--ca", metavar="FILE", default=_env("VAESERVE_CA"),
+                        help="PEM CA bundle the server's certificate is checked against; turns TLS on [VAESERVE_CA]")
+    common.add_argument("--cert", metavar="FILE", default=_env("VAESERVE_CLIENT_CERT"),
+                        help="PEM client certificate chain, for a server that asks for one (mTLS) [VAESERVE_CLIENT_CERT]")
+    common.add_argument("--key", metavar="FILE", default=_env("VAESERVE_CLIENT_KEY"),
+                        help="PEM private key of --cert [VAESERVE_CLIENT_KEY]")
+    common.add_argument("--token", default=_env("VAESERVE_TOKEN"),
+                        help="bearer token sent with every call [VAESERVE_TOKEN]; on a shared machine set the "
+                        "variable instead: other users can read a flag's value in the process list")  # fmt: skip
     labels = argparse.ArgumentParser(add_help=False)
     labels.add_argument("--labels", help="label names, comma-separated: one per row, or one for all rows")
 
@@ -56,6 +69,10 @@ def register(subparsers) -> None:
     rows_command("decode", "decoder mean at latent points", "CSV or NPY file of latent rows z")
     commands.add_parser("models", help="list models, or show one with --model", parents=[common])
     client.set_defaults(func=_client)
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
 
 
 def _serve(args) -> int:
@@ -98,7 +115,8 @@ def _client(args) -> int:
 
     from vaeserve.service.client import Client
 
-    with Client(f"{args.host}:{args.port}", timeout=args.timeout) as client:
+    with Client(f"{args.host}:{args.port}", timeout=args.timeout, ca=args.ca, cert=args.cert, key=args.key,
+                token=args.token) as client:  # fmt: skip
         try:
             return _call(client, args, np)
         except grpc.RpcError as err:

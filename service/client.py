@@ -4,21 +4,49 @@
         result = client.score("digits", rows)           # rows: [N, features] float array
         result.neg_elbo, result.is_anomaly
 
+    Client("vae.example.com:50051", ca="ca.pem", cert="client.pem", key="client.key", token=token)
+
+`ca` (the server's CA bundle) turns TLS on; `cert` and `key` present a client certificate (mTLS);
+`token` goes as `authorization: Bearer <token>` metadata on every call, over TLS or plaintext alike.
+
 Errors arrive as grpc.RpcError (sync) / grpc.aio.AioRpcError (asyncio) with the server's status code
 and message.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
 
+from vaeserve.errors import ConfigError
 from vaeserve.v1 import vaeserve_pb2 as pb
 from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 _OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024), ("grpc.max_send_message_length", 256 * 1024 * 1024)]
 _FLOAT32 = np.dtype("<f4")
+
+
+def _read(path, what: str) -> bytes | None:
+    try:
+        return None if path is None else Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: {err.strerror}") from None
+
+
+def channel_credentials(ca=None, cert=None, key=None) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any of the PEM files is given (without `ca`, the system's CA roots), else
+    None: plaintext."""
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise ConfigError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(_read(ca, "CA bundle"), _read(key, "client key"), _read(cert, "client certificate"))
+
+
+def _call_metadata(token: str | None) -> tuple | None:
+    return None if not token else (("authorization", f"Bearer {token}"),)
 
 
 def to_tensor(array) -> pb.Tensor:
@@ -134,13 +162,17 @@ class _Requests:
 
 
 class Client(_Requests):
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0, ca=None, cert=None, key=None,
+                 token: str | None = None):  # fmt: skip
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        credentials = channel_credentials(ca, cert, key)
+        self._metadata = _call_metadata(token)
+        self._channel = (grpc.insecure_channel(target, options=_OPTIONS) if credentials is None
+                         else grpc.secure_channel(target, credentials, options=_OPTIONS))  # fmt: skip
         self._stub = pb_grpc.InferenceStub(self._channel)
 
     def _call(self, method, request, parse):
-        return parse(getattr(self._stub, method)(request, timeout=self.timeout))
+        return parse(getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata))
 
     def close(self) -> None:
         self._channel.close()
@@ -153,13 +185,17 @@ class Client(_Requests):
 
 
 class AsyncClient(_Requests):
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0, ca=None, cert=None, key=None,
+                 token: str | None = None):  # fmt: skip
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        credentials = channel_credentials(ca, cert, key)
+        self._metadata = _call_metadata(token)
+        self._channel = (grpc.aio.insecure_channel(target, options=_OPTIONS) if credentials is None
+                         else grpc.aio.secure_channel(target, credentials, options=_OPTIONS))  # fmt: skip
         self._stub = pb_grpc.InferenceStub(self._channel)
 
     async def _call(self, method, request, parse):
-        return parse(await getattr(self._stub, method)(request, timeout=self.timeout))
+        return parse(await getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata))
 
     async def close(self) -> None:
         await self._channel.close()

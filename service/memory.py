@@ -31,6 +31,11 @@ def trim() -> None:
         _malloc_trim(0)
 
 
+def in_flight() -> int:
+    """RPCs inside a handler now."""
+    return _in_flight
+
+
 def rpc_started() -> None:
     global _in_flight
     _in_flight += 1

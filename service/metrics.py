@@ -31,3 +31,12 @@ MODEL_INFO = Gauge(
     "vaeserve_model_info", "1 per served graph, with its version and granted execution provider",
     ["model", "version", "graph", "provider"], multiprocess_mode="livemax",
 )
+MODEL_LOADS = Counter(
+    "vaeserve_model_loads", "model version loads (at start and on reload), by model and result: loaded or failed",
+    ["model", "result"],
+)
+UNAUTHENTICATED = Counter("vaeserve_unauthenticated", "RPCs refused for a missing or unknown bearer token")
+REJECTED = Counter(
+    "vaeserve_rejected", "calls answered before any compute, by reason: overloaded (RESOURCE_EXHAUSTED), "
+    "expired (deadline passed before the call was computed), draining (UNAVAILABLE)", ["reason"],
+)

@@ -8,18 +8,30 @@ What a row outside the model's support gets (see vaeserve.scoring.Scorer): Score
 back into the support plus a penalty growing with the distance outside, and flags it whatever the
 threshold; Embed and Reconstruct work on the row brought back, and Reconstruct's neg_log_likelihood
 carries the same penalty.
+
+Which versions are served: the newest max_versions of each model that load (all of them when 0). The
+repository is read at start and again on every rescan (vaeserve.service.reload says when), where a folder
+is read only when its fingerprint changed. A new set of versions is swapped in in one step on the event
+loop; a version that leaves waits for the requests inside it, then closes its batchers and lets go of its
+ONNX Runtime sessions.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from vaeserve import scoring
-from vaeserve.artifact.repository import scan_repository
+from vaeserve.artifact.manifest import MANIFEST, Manifest
+from vaeserve.artifact.repository import ModelVersion, load_version, version_folders
 from vaeserve.artifact.runtime import Model
 from vaeserve.errors import SHOWN, ArtifactError, ConfigError, InvalidInput, ModelNotFound
 from vaeserve.service import metrics
@@ -54,10 +66,14 @@ class ScoreResult:
 
 
 class ServedModel:
-    def __init__(self, model: Model, settings: Settings, executor: Executor):
+    def __init__(self, model: Model, settings: Settings, executor: Executor, fingerprint: "Fingerprint"):
         m = model.manifest
         self.artifact, self.manifest, self.settings, self._executor = model, m, settings, executor
         self.name, self.version = m.name, m.version
+        self.fingerprint = fingerprint  # of the folder it was read from, before it was read
+        self._users = 0  # requests inside an RPC holding this version
+        self._idle = asyncio.Event()  # set while _users is 0
+        self._idle.set()
         self.kind, self.likelihood = m.model.kind, m.scoring.likelihood
         self.latent_dim, self.features = m.model.latent_dim, m.input.features
         self.scorer = model.scorer
@@ -78,12 +94,38 @@ class ServedModel:
             "score": DynamicBatcher(self._score_batch, config, executor, model=self.name, graph="score",
                                     split=scoring.Scores.rows, work=self._score_work),  # fmt: skip
         }
-        for graph_name, graph in (("encoder", self.encoder), ("decoder", self.decoder)):
-            metrics.MODEL_INFO.labels(self.name, str(self.version), graph_name, graph.providers[0]).set(1)
+
+    def info_labels(self) -> list[tuple[str, str, str, str]]:
+        """metrics.MODEL_INFO's labels of this version's graphs."""
+        graphs = (("encoder", self.encoder), ("decoder", self.decoder))
+        return [(self.name, str(self.version), name, graph.providers[0]) for name, graph in graphs]
 
     def start(self) -> None:
         for batcher in self.batchers.values():
             batcher.start()
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """Held around every RPC that uses this version, awaits included (Reconstruct submits to the encoder,
+        then to the decoder): a version leaving service waits until none is inside."""
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._idle.set()
+
+    async def retire(self) -> None:
+        """Leave service (the registry no longer hands this version out): run what is queued without waiting
+        for batches to fill, wait for the requests inside to finish, then close the batchers and let go of
+        them, so that nothing keeps the ONNX Runtime sessions once the last request drops this version."""
+        self.drain()
+        await self._idle.wait()
+        await self.close()
+        self.batchers = {}  # they call back into this version: a cycle that only a full collection would free
+        log.info("unloaded %s version %d", self.name, self.version)
 
     def drain(self) -> None:
         for batcher in self.batchers.values():
@@ -240,45 +282,225 @@ def no_valid_version(repository) -> ConfigError:
     return ConfigError(f"no valid model version under {repository}; the log says why each was skipped")
 
 
-def open_models(settings: Settings) -> list[Model]:
-    """Every version of the repository that reads, checks and opens (scan_repository, then Model); the
-    others are skipped with one log line naming the file and the reason. ConfigError when none is left."""
-    opened = []
-    for numbered in scan_repository(settings.repository).values():
-        for version in numbered.values():
-            try:
-                opened.append(Model(version, settings.intra_op_threads))
-            except ArtifactError as err:
-                log.error("skipping %s: %s", version.path, err)
+# Reading the repository.
+
+Key = tuple[str, int]  # (model, version)
+# A version folder's identity: manifest.json's inode, size, mtime and ctime, and the folder's inode and mtime.
+# Export writes the manifest last and it holds the graphs' sha256s, so an unchanged fingerprint means an
+# unchanged version without reading or hashing anything; files added to the folder change its mtime.
+Fingerprint = tuple[int, int, int, int, int, int]
+Snapshot = dict[str, dict[int, tuple[Path, Fingerprint | None]]]  # model -> version -> (folder, fingerprint)
+Loaded = TypeVar("Loaded")
+
+
+def version_fingerprint(folder: Path) -> Fingerprint | None:
+    """None for a folder without manifest.json: incomplete (or gone)."""
+    try:
+        f, m = folder.stat(), (folder / MANIFEST).stat()
+    except FileNotFoundError:
+        return None
+    return f.st_ino, f.st_mtime_ns, m.st_ino, m.st_size, m.st_mtime_ns, m.st_ctime_ns
+
+
+def snapshot(root: Path) -> Snapshot:
+    """Every numbered version folder of every model under root with its fingerprint: directory listings and
+    stat calls, nothing read. Folders starting with "." are exports in progress."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: model repository not found")
+    seen = {}
+    for model_dir in sorted(root.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        try:
+            folders = version_folders(model_dir)
+        except FileNotFoundError:  # removed while we looked
+            continue
+        if folders:
+            seen[model_dir.name] = {n: (folder, version_fingerprint(folder)) for n, folder in sorted(folders.items())}
+    return seen
+
+
+def read_version(name: str, folder: Path) -> ModelVersion:
+    """load_version (manifest and graph hashes), and the manifest must name the model of its folder."""
+    version = load_version(folder)
+    if version.name != name:
+        raise ArtifactError(f"{MANIFEST} names model {version.name!r}, but its folder is {name!r}")
+    return version
+
+
+class RepositoryState:
+    """What a server has learned of its repository: the folders it saw when it last chose what to serve, and
+    the versions that failed to load, each with its fingerprint. A rescan that sees the same fingerprints reads
+    nothing; a version that failed is not tried again until its folder changes."""
+
+    def __init__(self, settings: Settings):
+        self.root, self.max_versions = settings.repository, settings.max_versions
+        self.seen: Snapshot = {}
+        self.failed: dict[Key, Fingerprint] = {}
+
+    def changed(self) -> Snapshot | None:
+        """The repository now, or None when it is as it was when versions were last chosen."""
+        seen = snapshot(self.root)
+        return None if seen == self.seen else seen
+
+    def choose(self, seen: Snapshot, current: dict[Key, Loaded],
+               load: Callable[[Key, Path, Fingerprint], Loaded]) -> dict[str, dict[int, Loaded]]:  # fmt: skip
+        """The newest max_versions versions of each model that load (all when 0), by model and version.
+
+        Newest first: a version of `current` whose fingerprint is unchanged is kept; any other is `load`ed
+        unless it failed before with this fingerprint. A failure (ArtifactError) is logged once with its
+        reason and counted, and a changed version that fails leaves the one served in place. Versions below
+        the newest that load are not read."""
+        limit = self.max_versions or math.inf
+        failed, chosen = dict(self.failed), {}
+        for name, versions in seen.items():
+            kept = {}
+            for number, (folder, fingerprint) in sorted(versions.items(), reverse=True):
+                if len(kept) >= limit:
+                    break
+                key = (name, number)
+                if fingerprint is None:
+                    if key not in _incomplete(self.seen):  # warned once per incomplete folder
+                        log.warning("skipping %s: no %s, the version is incomplete", folder, MANIFEST)
+                    continue
+                served = current.get(key)
+                model = served if served is not None and served.fingerprint == fingerprint else None
+                if model is None and failed.get(key) != fingerprint:
+                    try:
+                        model = load(key, folder, fingerprint)
+                    except ArtifactError as err:
+                        log.error("skipping %s: %s", folder, err)
+                        metrics.MODEL_LOADS.labels(name, "failed").inc()
+                        failed[key] = fingerprint
+                if model is None:
+                    model = served  # None, or a changed version failed: the one served stays
+                if model is not None:
+                    kept[number] = model
+            if kept:
+                chosen[name] = dict(sorted(kept.items()))
+        # A failure is remembered while its folder is there unchanged, whether it was looked at this time or not.
+        now = {(name, number): f for name, versions in seen.items() for number, (_, f) in versions.items()}
+        self.failed = {key: f for key, f in failed.items() if now.get(key) == f}
+        self.seen = seen
+        return chosen
+
+
+def _incomplete(seen: Snapshot) -> set[Key]:
+    return {(name, number) for name, versions in seen.items() for number, (_, f) in versions.items() if f is None}
+
+
+@dataclass(frozen=True)
+class OpenedVersion:
+    """A version open in ONNX Runtime, not warmed up yet, with its folder's fingerprint from before it was read."""
+
+    artifact: Model
+    fingerprint: Fingerprint
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.artifact.manifest
+
+
+class OpenedVersions(list):
+    """What open_models opened (OpenedVersion), and what it learned of the repository on the way."""
+
+    def __init__(self, opened: list[OpenedVersion], state: RepositoryState):
+        super().__init__(opened)
+        self.state = state
+
+
+def open_models(settings: Settings) -> OpenedVersions:
+    """The newest max_versions versions of each model (all when 0) that read, check and open (read_version,
+    then Model); the others are skipped with one log line naming the file and the reason. ConfigError when
+    none is left."""
+    state = RepositoryState(settings)
+
+    def open_(key: Key, folder: Path, fingerprint: Fingerprint) -> OpenedVersion:
+        return OpenedVersion(Model(read_version(key[0], folder), settings.intra_op_threads), fingerprint)
+
+    chosen = state.choose(snapshot(settings.repository), {}, open_)
+    opened = [version for versions in chosen.values() for version in versions.values()]
     if not opened:
         raise no_valid_version(settings.repository)
-    return opened
+    return OpenedVersions(opened, state)
 
 
 class ModelRegistry:
-    """Every served version of every model; version 0 means the newest."""
+    """Every served version of every model; version 0 means the newest. `models` is replaced whole, on the
+    event loop, by `serve`: a request looks it up once and keeps the version it got."""
 
-    def __init__(self, models: dict[str, dict[int, ServedModel]]):
-        self.models = models
+    def __init__(self, settings: Settings, executor: Executor, state: RepositoryState,
+                 refusal: Callable[[Manifest], str | None] = lambda manifest: None):  # fmt: skip
+        self.settings, self._executor, self.state = settings, executor, state
+        self._refusal = refusal  # why the server cannot serve a version (its message limits are fixed at start), or None
+        self.models: dict[str, dict[int, ServedModel]] = {}
+        self.names: frozenset[str] = frozenset()
 
-    @classmethod
-    def load(cls, settings: Settings, executor: Executor, opened: list[Model]) -> "ModelRegistry":
-        """Warm up every opened version and serve it; one whose warm-up fails its check is skipped with one
-        log line naming the file and the reason. ConfigError when none is left."""
-        models = {}
-        for artifact in opened:
-            version = artifact.version
-            try:
-                artifact.check(settings.warmup_rows)
-            except ArtifactError as err:
-                log.error("skipping %s: %s", version.path, err)
-                continue
-            models.setdefault(version.name, {})[version.version] = ServedModel(artifact, settings, executor)
-            log.info("loaded %s version %d (%s, providers %s)", version.name, version.version, version.manifest.model.kind,
-                     artifact.encoder.providers)  # fmt: skip
+    def warm_up(self, opened: OpenedVersions) -> dict[str, dict[int, ServedModel]]:
+        """(In a thread, once the port is bound.) The versions to serve first: those open_models opened,
+        warmed up; where one fails its warm-up, the next older version is tried in its place. ConfigError
+        when none is left."""
+        ready = {(v.manifest.name, v.manifest.version): v for v in opened}
+
+        def load(key: Key, folder: Path, fingerprint: Fingerprint) -> ServedModel:
+            if key in ready:
+                return self._warm(ready[key].artifact, fingerprint)
+            return self._load(key, folder, fingerprint)
+
+        models = self.state.choose(self.state.seen, {}, load)
         if not models:
-            raise no_valid_version(settings.repository)
-        return cls({name: dict(sorted(numbered.items())) for name, numbered in models.items()})
+            raise no_valid_version(self.settings.repository)
+        return models
+
+    def rescan(self) -> dict[str, dict[int, ServedModel]] | None:
+        """(In a thread, one at a time.) The versions to serve now, or None when that is what is served:
+        stat calls only unless a folder's fingerprint changed."""
+        seen = self.state.changed()
+        if seen is None:
+            return None
+        current = {(m.name, m.version): m for m in self.all()}
+        models = self.state.choose(seen, current, self._load)
+        chosen = {(m.name, m.version): m for versions in models.values() for m in versions.values()}
+        if chosen.keys() == current.keys() and all(chosen[key] is current[key] for key in current):
+            return None
+        return models
+
+    def _load(self, key: Key, folder: Path, fingerprint: Fingerprint) -> ServedModel:
+        """Read, open and warm up a version found on a rescan, if this server can serve it."""
+        version = read_version(key[0], folder)
+        refusal = self._refusal(version.manifest)
+        if refusal is not None:
+            raise ArtifactError(f"{folder / MANIFEST}: {refusal}")
+        return self._warm(Model(version, self.settings.intra_op_threads), fingerprint)
+
+    def _warm(self, artifact: Model, fingerprint: Fingerprint) -> ServedModel:
+        """Warm an opened version up (the same check as at load, on warmup_rows rows) and put it behind batchers."""
+        artifact.check(self.settings.warmup_rows)
+        version = artifact.version
+        log.info("loaded %s version %d (%s, providers %s)", version.name, version.version, version.manifest.model.kind,
+                 artifact.encoder.providers)  # fmt: skip
+        metrics.MODEL_LOADS.labels(version.name, "loaded").inc()
+        return ServedModel(artifact, self.settings, self._executor, fingerprint)
+
+    def serve(self, models: dict[str, dict[int, ServedModel]]) -> list[ServedModel]:
+        """Serve `models` from now on, in one step on the event loop: requests already holding a version keep
+        it. Returns the versions that left, for the caller to retire."""
+        before = self.all()
+        after = [m for versions in models.values() for m in versions.values()]
+        started, kept = set(before), set(after)
+        for model in after:
+            if model not in started:
+                model.start()
+        self.models, self.names, names_before = models, frozenset(models), self.names
+        leaving = [m for m in before if m not in kept]
+        for model in leaving:
+            log.info("unloading %s version %d once its requests in flight are done", model.name, model.version)
+        for name in sorted(names_before - self.names):
+            log.warning("model %r is no longer served: none of its versions under %s is left or loads", name,
+                        self.settings.repository)  # fmt: skip
+        _update_model_info(before, after)
+        return leaving
 
     def get(self, name: str, version: int = 0) -> ServedModel:
         if not name:
@@ -294,3 +516,16 @@ class ModelRegistry:
 
     def all(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
+
+
+def _update_model_info(before: list[ServedModel], after: list[ServedModel]) -> None:
+    """One MODEL_INFO child per served graph. Prometheus' multiprocess mode cannot remove a child: there a
+    version that left reads 0."""
+    served = {labels for model in after for labels in model.info_labels()}
+    for labels in served:
+        metrics.MODEL_INFO.labels(*labels).set(1)
+    for labels in {labels for model in before for labels in model.info_labels()} - served:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            metrics.MODEL_INFO.labels(*labels).set(0)
+        else:
+            metrics.MODEL_INFO.remove(*labels)

@@ -4,12 +4,22 @@ graceful shutdown; --workers N processes on one port through SO_REUSEPORT.
 Life of a worker: read and open every version of the repository (manifests, graph hashes, ONNX Runtime
 sessions checked against their manifests; the message size limits follow from the versions that pass),
 bind and answer health NOT_SERVING at once, warm every version up (off the event loop), then SERVING. A
-version failing a check is skipped with one log line; with none left the command exits 2 with one line. On SIGTERM/SIGINT: NOT_SERVING, stop accepting RPCs, let
-batchers run what they hold without waiting to fill, finish in-flight RPCs within drain_seconds,
-exit 0.
+version failing a check is skipped with one log line; with none left the command exits 2 with one
+line. While serving, the repository is rescanned every repository_poll_seconds and on SIGHUP
+(service/reload.py): versions come and go without a restart, and health stays SERVING. On
+SIGTERM/SIGINT: the drain (Server.stop), then exit 0.
+
+Admission: at most settings.concurrent_rpcs calls inside handlers, the excess answered RESOURCE_EXHAUSTED
+and counted (service/status.py); gRPC's own limit, twice that, is a backstop for calls taken in but not
+yet handled. Each batcher's queue is bounded and sheds calls that would wait past their deadline
+(service/batching.py).
+
+Security (service/security.py): TLS or mTLS on the port when tls_cert is set, certificates rotated on
+disk picked up by new connections; bearer tokens for every call but health when auth_tokens_file is set.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -23,8 +33,9 @@ from grpc_reflection.v1alpha import reflection
 from vaeserve.artifact.manifest import Manifest
 from vaeserve.artifact.repository import scan_repository
 from vaeserve.errors import VaeserveError
-from vaeserve.service import wire
+from vaeserve.service import memory, security, status, wire
 from vaeserve.service.models import ModelRegistry, no_valid_version, open_models
+from vaeserve.service.reload import RepositoryWatcher
 from vaeserve.service.servicer import InferenceServicer
 from vaeserve.service.settings import Settings
 from vaeserve.v1 import vaeserve_pb2 as pb
@@ -36,6 +47,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
 SERVICE_NAME = SERVICE.full_name  # vaeserve.v1.Inference
 ENVELOPE_BYTES = 64 * 1024  # a message's names, options and framing beside its rows
 MAX_MESSAGE_BYTES = 2**31 - 1  # what gRPC's limits can hold
+DRAIN_POLL_SECONDS = 0.01
+HEALTH_CONCURRENT_RPCS = 64  # the health port answers probes, not traffic
+DRAIN_QUIET_SECONDS = 0.25  # the drain ends once no call has come in for this long (or at drain_seconds)
 
 
 def message_limits(settings: Settings, manifests: list[Manifest]) -> tuple[int, int]:
@@ -55,13 +69,16 @@ class Server:
         # Opened (and checked) before the server exists: its message limits follow from the models served.
         self.opened = open_models(settings)
         self.servicer = InferenceServicer()
+        status.limit_in_flight(settings.concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         self.registry: ModelRegistry | None = None
         self.port: int | None = None
-        self._stopping = asyncio.Event()
+        self._stopping, self._skip_notice = asyncio.Event(), asyncio.Event()
         self._executor = ThreadPoolExecutor(settings.compute_threads or os.cpu_count() or 1, thread_name_prefix="ort")
         self.receive_limit, self.send_limit = message_limits(settings, [m.manifest for m in self.opened])
         self._server = grpc.aio.server(
+            interceptors=security.interceptors(settings),
+            maximum_concurrent_rpcs=2 * settings.concurrent_rpcs,  # a backstop: status.py's limit is the one counted
             options=[
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
                 ("grpc.max_receive_message_length", self.receive_limit),
@@ -71,33 +88,73 @@ class Server:
         wire.add_service(self._server, pb_grpc.add_InferenceServicer_to_server, self.servicer, SERVICE)
         wire.add_service(self._server, health_pb2_grpc.add_HealthServicer_to_server, self.health,
                          health_pb2.DESCRIPTOR.services_by_name["Health"])  # fmt: skip
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        if settings.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        # The same health servicer on a plaintext port of its own, for probes that cannot speak TLS.
+        self._health_server = None
+        self.health_port: int | None = None
+        if settings.health_port >= 0:
+            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
 
     async def start(self) -> None:
         """Bind, answer NOT_SERVING while models load and warm up, then SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.port = security.add_port(self._server, self.settings)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self._server.start()
+        if self._health_server is not None:
+            self.health_port = self._health_server.add_insecure_port(f"{self.settings.host}:{self.settings.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot bind {self.settings.host}:{self.settings.health_port} (health_port)")
+            await self._health_server.start()
         loop = asyncio.get_running_loop()
+        registry = ModelRegistry(self.settings, self._executor, self.opened.state, self._refusal)
         try:
-            self.registry = await loop.run_in_executor(None, ModelRegistry.load, self.settings, self._executor, self.opened)
+            models = await loop.run_in_executor(None, registry.warm_up, self.opened)
         except BaseException:
             await self._server.stop(0)
             self._executor.shutdown(wait=False)
             raise
-        for model in self.registry.all():
-            model.start()
+        self.opened.clear()  # the registry holds what it serves: a version retired later must not stay open here
+        registry.serve(models)
+        self.registry = registry
         self.servicer.serve(self.registry)
+        self._watcher = RepositoryWatcher(self.registry, self.settings.repository_poll_seconds)
+        self._watcher.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (pid %d)", sorted(self.registry.models), self.settings.host, self.port, os.getpid())
+
+    _watcher: RepositoryWatcher | None = None  # set by start
+
+    def request_rescan(self) -> None:
+        """SIGHUP: rescan the repository now (after the rescan running, if one is). Before start has loaded
+        the models there is nothing to do: the watcher's first rescan looks at the repository again."""
+        if self._watcher is not None:
+            self._watcher.rescan_soon()
+
+    async def stop_watching(self) -> None:
+        """Stop rescanning the repository: no version comes or goes after this (the first step of stop)."""
+        if self._watcher is not None:
+            await self._watcher.stop()
+
+    def _refusal(self, manifest: Manifest) -> str | None:
+        """Why a version found on a rescan cannot be served here, or None: gRPC's message limits are fixed at start."""
+        receive, send = message_limits(self.settings, [manifest])
+        if receive <= self.receive_limit and send <= self.send_limit:
+            return None
+        return (f"needs gRPC message limits of {receive:,} bytes received and {send:,} sent, more than the "
+                f"{self.receive_limit:,} and {self.send_limit:,} this server started with; restart the server to serve it")
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
     def request_stop(self) -> None:
+        """SIGTERM/SIGINT: the first starts the drain, a second skips what is left of its notice."""
+        if self._stopping.is_set():
+            self._skip_notice.set()
         self._stopping.set()
 
     async def wait_and_stop(self) -> None:
@@ -105,12 +162,35 @@ class Server:
         await self.stop()
 
     async def stop(self) -> None:
-        log.info("draining: NOT_SERVING, finishing in-flight requests (up to %.1f s)", self.settings.drain_seconds)
+        """The drain. Health says NOT_SERVING at once, to Check and to every Watch, while calls are still
+        served for drain_notice_seconds, so balancers and probes see it before anything is refused. Then
+        new calls get UNAVAILABLE (they never reach a model), the batchers run what they hold without
+        waiting to fill, and calls already inside finish within drain_seconds. Only then does the gRPC
+        server stop: stopping it earlier would cancel calls it had taken in but not yet handed over."""
+        await self.stop_watching()
+        loop = asyncio.get_running_loop()
+        settings = self.settings
         await self.health.enter_graceful_shutdown()
+        if settings.drain_notice_seconds > 0:
+            log.info("draining: health NOT_SERVING, still serving for %.1f s (a second signal skips this)",
+                     settings.drain_notice_seconds)  # fmt: skip
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._skip_notice.wait(), settings.drain_notice_seconds)
+        status.stop_accepting()
         models = self.registry.all() if self.registry else []
         for model in models:
             model.drain()
-        await self._server.stop(self.settings.drain_seconds)
+        log.info("draining: new calls get UNAVAILABLE; finishing %d in flight (up to %.1f s)", memory.in_flight(),
+                 settings.drain_seconds)  # fmt: skip
+        # Callers still sending are told UNAVAILABLE; stop once they have gone quiet, or the calls they send
+        # meanwhile would be cancelled rather than refused.
+        end = loop.time() + settings.drain_seconds
+        while (memory.in_flight() or status.seconds_since_refused() < DRAIN_QUIET_SECONDS) and loop.time() < end:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        # What is left is streams such as health Watch, or calls past drain_seconds: both are cancelled.
+        await self._server.stop(DRAIN_POLL_SECONDS)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for model in models:
             await model.close()
         self._executor.shutdown(wait=False)
@@ -122,6 +202,7 @@ async def _serve_worker(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.request_rescan)  # a rescan, not the default exit
     await server.start()
     await server.wait_and_stop()
 
@@ -142,9 +223,10 @@ def start_metrics_server(settings: Settings, registry=None) -> int | None:
         return None
     from prometheus_client import REGISTRY, start_http_server
 
-    server, _ = start_http_server(settings.metrics_port, addr=_http_host(settings.host), registry=registry or REGISTRY)
+    host = _http_host(settings.metrics_host)
+    server, _ = start_http_server(settings.metrics_port, addr=host, registry=registry or REGISTRY)
     port = server.server_port
-    log.info("metrics on http://%s:%d/metrics", _http_host(settings.host), port)
+    log.info("metrics on http://%s:%d/metrics", host, port)
     return port
 
 
@@ -187,10 +269,10 @@ def _serve_workers(settings: Settings) -> int:
     def forward(signum, frame):
         for worker in workers:
             if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: every worker rescans
+        signal.signal(signum, forward)
     codes = []
     for worker in workers:
         worker.join()

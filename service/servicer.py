@@ -2,6 +2,7 @@
 request metrics come from the @rpc decorator; batching, ONNX Runtime and scoring live elsewhere."""
 
 import asyncio
+import contextlib
 import json
 
 import numpy as np
@@ -22,78 +23,82 @@ def _deadline(context) -> float | None:
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self):
         self.registry: ModelRegistry | None = None
-        self.model_names: frozenset[str] = frozenset()
 
     def serve(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self.model_names = frozenset(registry.models)
+
+    @property
+    def model_names(self) -> frozenset[str]:
+        """The models served now (the registry's, which reloads replace)."""
+        return frozenset() if self.registry is None else self.registry.names
 
     @staticmethod
     def _rows(tensor, model: ServedModel):
         return to_array(tensor, "x", model.features, model.settings.max_rows)
 
-    def _model(self, request) -> ServedModel:
+    def _model(self, request) -> contextlib.AbstractContextManager[ServedModel]:
+        """The requested version, held for the whole call: a version leaving service waits for its calls."""
         if self.registry is None:
             raise ModelNotReady("the server is still loading its models; retry shortly")
-        return self.registry.get(request.model, request.version)
+        return self.registry.get(request.model, request.version).in_use()
 
     @rpc
     async def Embed(self, request, context):
-        model = self._model(request)
-        seed = request.seed if request.HasField("seed") else None
-        mu, logvar, samples = await model.embed(
-            self._rows(request.x, model), request.labels, request.posterior_samples, seed, _deadline(context)
-        )
-        response = pb.EmbedResponse(model=model.name, version=model.version, mu=to_tensor(mu), logvar=to_tensor(logvar))
-        if samples is not None:
-            response.samples.CopyFrom(to_tensor(samples))
-        return response
+        with self._model(request) as model:
+            seed = request.seed if request.HasField("seed") else None
+            mu, logvar, samples = await model.embed(
+                self._rows(request.x, model), request.labels, request.posterior_samples, seed, _deadline(context)
+            )
+            response = pb.EmbedResponse(model=model.name, version=model.version, mu=to_tensor(mu), logvar=to_tensor(logvar))
+            if samples is not None:
+                response.samples.CopyFrom(to_tensor(samples))
+            return response
 
     @rpc
     async def Reconstruct(self, request, context):
-        model = self._model(request)
-        x, nll, mse = await model.reconstruct(self._rows(request.x, model), request.labels, _deadline(context))
-        return pb.ReconstructResponse(
-            model=model.name, version=model.version, x=to_tensor(x),
-            neg_log_likelihood=nll.tolist(), mean_squared_error=mse.tolist(),
-        )  # fmt: skip
+        with self._model(request) as model:
+            x, nll, mse = await model.reconstruct(self._rows(request.x, model), request.labels, _deadline(context))
+            return pb.ReconstructResponse(
+                model=model.name, version=model.version, x=to_tensor(x),
+                neg_log_likelihood=nll.tolist(), mean_squared_error=mse.tolist(),
+            )  # fmt: skip
 
     @rpc
     async def Score(self, request, context):
-        model = self._model(request)
-        threshold = request.threshold if request.HasField("threshold") else None
-        result = await model.score(
-            self._rows(request.x, model), request.labels, threshold, request.iw_samples, _deadline(context)
-        )
-        s = result.scores
-        response = pb.ScoreResponse(
-            model=model.name, version=model.version, threshold=result.threshold,
-            neg_elbo=s.neg_elbo.tolist(), reconstruction=s.reconstruction.tolist(), kl=s.kl.tolist(),
-            is_anomaly=result.is_anomaly.tolist(),
-            out_of_support=s.out_of_support.tolist(),
-        )  # fmt: skip
-        if request.per_feature:
-            response.per_feature.CopyFrom(to_tensor(s.per_feature))
-            distance = np.zeros(s.per_feature.shape) if s.support_distance is None else s.support_distance
-            response.support_distance.CopyFrom(to_tensor(distance))
-        if s.neg_iw is not None:
-            response.neg_iw.extend(s.neg_iw.tolist())
-        return response
+        with self._model(request) as model:
+            threshold = request.threshold if request.HasField("threshold") else None
+            result = await model.score(
+                self._rows(request.x, model), request.labels, threshold, request.iw_samples, _deadline(context)
+            )
+            s = result.scores
+            response = pb.ScoreResponse(
+                model=model.name, version=model.version, threshold=result.threshold,
+                neg_elbo=s.neg_elbo.tolist(), reconstruction=s.reconstruction.tolist(), kl=s.kl.tolist(),
+                is_anomaly=result.is_anomaly.tolist(),
+                out_of_support=s.out_of_support.tolist(),
+            )  # fmt: skip
+            if request.per_feature:
+                response.per_feature.CopyFrom(to_tensor(s.per_feature))
+                distance = np.zeros(s.per_feature.shape) if s.support_distance is None else s.support_distance
+                response.support_distance.CopyFrom(to_tensor(distance))
+            if s.neg_iw is not None:
+                response.neg_iw.extend(s.neg_iw.tolist())
+            return response
 
     @rpc
     async def Generate(self, request, context):
-        model = self._model(request)
-        temperature = request.temperature if request.HasField("temperature") else 1.0
-        seed = request.seed if request.HasField("seed") else None
-        x, z = await model.generate(request.count, request.labels, temperature, seed, _deadline(context))
-        return pb.GenerateResponse(model=model.name, version=model.version, x=to_tensor(x), z=to_tensor(z))
+        with self._model(request) as model:
+            temperature = request.temperature if request.HasField("temperature") else 1.0
+            seed = request.seed if request.HasField("seed") else None
+            x, z = await model.generate(request.count, request.labels, temperature, seed, _deadline(context))
+            return pb.GenerateResponse(model=model.name, version=model.version, x=to_tensor(x), z=to_tensor(z))
 
     @rpc
     async def Decode(self, request, context):
-        model = self._model(request)
-        z = to_array(request.z, "z", model.latent_dim, model.settings.max_rows)
-        x = await model.decode_latent(z, request.labels, _deadline(context))
-        return pb.DecodeResponse(model=model.name, version=model.version, x=to_tensor(x))
+        with self._model(request) as model:
+            z = to_array(request.z, "z", model.latent_dim, model.settings.max_rows)
+            x = await model.decode_latent(z, request.labels, _deadline(context))
+            return pb.DecodeResponse(model=model.name, version=model.version, x=to_tensor(x))
 
     @rpc
     async def ListModels(self, request, context):
@@ -105,7 +110,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @rpc
     async def GetModel(self, request, context):
-        return metadata(self._model(request))
+        with self._model(request) as model:
+            return metadata(model)
 
 
 def metadata(model: ServedModel) -> pb.ModelMetadata:

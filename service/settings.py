@@ -20,9 +20,25 @@ def _setting(default, doc: str, minimum=None):
 @dataclass(frozen=True)
 class Settings:
     repository: Path | None = _setting(None, "model repository: <name>/<version>/{encoder,decoder}.onnx + manifest.json")
-    host: str = _setting("[::]", "address the gRPC server binds")
+    host: str = _setting("127.0.0.1", "address the gRPC server binds; [::] or 0.0.0.0 for every interface (the image does)")
     port: int = _setting(50051, "gRPC port; 0 picks a free one (single worker only)", 0)
+    health_port: int = _setting(
+        -1, "a second, plaintext port on host serving grpc.health.v1 only, for probes that cannot speak TLS "
+        "(Kubernetes' gRPC probes); -1 = none, 0 picks a free one", -1,
+    )
+    metrics_host: str = _setting("127.0.0.1", "address the Prometheus /metrics HTTP server binds (plaintext, no auth)")
     metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 picks a free one, -1 disables", -1)
+    tls_cert: Path | None = _setting(None, "PEM certificate chain of the server; with tls_key, the port speaks TLS only")
+    tls_key: Path | None = _setting(None, "PEM private key of tls_cert")
+    tls_client_ca: Path | None = _setting(None, "PEM CA bundle: clients must present a certificate it signed (mTLS)")
+    auth_tokens_file: Path | None = _setting(
+        None, "file of accepted bearer tokens (one per line, or sha256:<hex>); every RPC but health needs one"
+    )
+    reflection: bool = _setting(True, "serve gRPC reflection (behind the tokens when auth_tokens_file is set)")
+    repository_poll_seconds: float = _setting(
+        10.0, "how often the repository is rescanned for new, changed and removed versions; 0 = only on SIGHUP", 0.0
+    )
+    max_versions: int = _setting(0, "versions served per model, the newest that load; 0 = all", 0)
     workers: int = _setting(1, "server processes sharing the port through SO_REUSEPORT", 1)
     max_batch_size: int = _setting(256, "rows per graph run; a larger request runs alone, never split", 1)
     max_queue_delay_ms: float = _setting(
@@ -41,7 +57,17 @@ class Settings:
     )
     intra_op_threads: int = _setting(1, "ONNX Runtime intra-op threads per session (non-spinning)", 1)
     compute_threads: int = _setting(0, "threads running large batches off the event loop; 0 = one per CPU core", 0)
-    drain_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish", 0.0)
+    drain_notice_seconds: float = _setting(
+        5.0, "on SIGTERM/SIGINT, how long health says NOT_SERVING while calls are still served, for balancers to "
+        "notice; a second signal skips it", 0.0,
+    )
+    drain_seconds: float = _setting(
+        10.0, "after the notice, how long calls already accepted may take to finish; new ones get UNAVAILABLE", 0.0
+    )
+    max_concurrent_rpcs: int = _setting(
+        0, "calls inside handlers at once; more get RESOURCE_EXHAUSTED at once (gRPC itself refuses beyond twice "
+        "this, counting calls not yet handled and health); 0 = max_queue_size + 128", 0,
+    )
     warmup_rows: int = _setting(8, "rows of zeros run through every graph before reporting SERVING", 0)
 
     @classmethod
@@ -76,24 +102,51 @@ class Settings:
             raise ConfigError(f"model repository {self.repository} is not a directory")
         if self.workers > 1 and self.port == 0:
             raise ConfigError("--workers > 1 needs a fixed --port for the workers to share")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both tls_cert and tls_key (VAESERVE_TLS_CERT, VAESERVE_TLS_KEY)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name} ({self.env_name(name)}): {path} is not a file")
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        return self.max_concurrent_rpcs or self.max_queue_size + 128
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
 
 
-def _parse(f, raw: str, env: str):
-    if f.name == "repository":
-        return Path(raw)
-    kind = f.type
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_bool(raw: str) -> bool:
     try:
-        return kind(raw)
+        return BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{raw!r} is not one of {', '.join(BOOLEANS)}") from None
+
+
+def value_type(f):
+    """The parser of a field's values: Path for paths, parse_bool for booleans, else the type itself."""
+    kind = f.type
+    if kind in (Path | None, Path):
+        return Path
+    return parse_bool if kind is bool else kind
+
+
+def _parse(f, raw: str, env: str):
+    try:
+        return value_type(f)(raw)
     except ValueError:
-        raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{env}={raw!r} is not a valid {f.type.__name__ if isinstance(f.type, type) else f.type}") from None
 
 
-def describe() -> list[tuple[str, str, object, str]]:
-    """(field, environment variable, default, doc) for --help and docs."""
+def describe() -> list[tuple[str, str, object, str, object]]:
+    """(field, environment variable, default, doc, value parser) for --help and docs."""
     return [
-        (f.name, Settings.env_name(f.name), None if f.default is MISSING else f.default, f.metadata["doc"])
+        (f.name, Settings.env_name(f.name), None if f.default is MISSING else f.default, f.metadata["doc"], value_type(f))
         for f in fields(Settings)
     ]

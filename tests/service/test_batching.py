@@ -14,6 +14,7 @@ a batch starts before its delay is up.
 import asyncio
 import itertools
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -254,6 +255,60 @@ def test_request_past_its_deadline_in_the_queue_expires_before_compute(executor,
     assert isinstance(expired, RequestExpired) and "deadline passed" in str(expired)
     assert_answered(patient, 2)
     assert run.batches == [(None, [0]), (None, [2])]
+
+
+def test_a_queue_that_would_not_reach_a_request_before_its_deadline_refuses_it_at_once(executor, gate):
+    class Slow(Recorder):
+        def __call__(self, feeds, key):
+            time.sleep(0.1)  # the batcher learns 0.1 s or more per row of work
+            return super().__call__(feeds, key)
+
+    run = Slow(gate)
+    batcher = make_batcher(run, executor, max_batch_size=1, max_queue_delay=LONG_DELAY)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        gate.release()
+        assert_answered(await submit(batcher, 0), 0)
+        head = submit(batcher, 1)
+        await run.computing()
+        queued = submit(batcher, 2)  # no deadline: always queued
+        await until_pending(batcher, 2)
+        with pytest.raises(QueueFull, match="deadline leaves"):  # 2 rows ahead of it: 0.2 s or more, against 0.05 s
+            await batcher.submit(request(3), deadline=loop.time() + 0.05)
+        patient = submit(batcher, 4, deadline=loop.time() + TIMEOUT)
+        await until_pending(batcher, 3)
+        gate.release(3)
+        return await asyncio.gather(head, queued, patient)
+
+    for result, request_id in zip(serve(scenario()), (1, 2, 4)):
+        assert_answered(result, request_id)
+    assert [ids for _, ids in run.batches] == [[0], [1], [2], [4]]
+
+
+def test_requests_cancelled_while_their_batch_waits_leave_the_batcher_working(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.2, inline_work=INLINE_WORK)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda loop, context: errors.append(context))
+        batcher.start()
+        await asyncio.gather(*(submit(batcher, i) for i in range(3)))  # recent batches held 3 requests
+        waiting = [submit(batcher, i) for i in (3, 4)]  # fewer: they wait for the delay, the second arrived late
+        await until_pending(batcher, 2)
+        for call in waiting:
+            call.cancel()
+        await asyncio.sleep(0.3)  # the delay ends with nothing left in the queue
+        answer = await asyncio.wait_for(submit(batcher, 5), TIMEOUT)
+        return errors, answer
+
+    errors, answer = serve(scenario())
+    assert errors == []
+    assert_answered(answer, 5)
+    assert [ids for _, ids in run.batches] == [[0, 1, 2], [5]]
 
 
 def test_cancelled_caller_is_dropped_before_compute(executor, gate):

@@ -72,3 +72,71 @@ def test_metrics_count_requests(server, client, rows):
     assert metrics[("vaeserve_model_info", (("graph", "encoder"), ("model", "cvae"), ("provider", "CPUExecutionProvider"), ("version", "1")))] == 1
     assert metrics[("vaeserve_request_latency_seconds_count", (("method", "Score"), ("model", "cvae")))] >= 4
     assert ("process_cpu_seconds_total", ()) in metrics
+
+
+def test_sigterm_under_64_single_row_callers_fails_no_call_sent_before_unavailable(model_repository, start_server):
+    from vaeserve.artifact.repository import load_version
+    from vaeserve.benchmarks.drain import sigterm_under_load
+    from vaeserve.service.status import DRAINING_MESSAGE
+
+    server = start_server(model_repository, drain_notice_seconds=1.0)
+    try:
+        server.wait_serving()
+        manifest = load_version(model_repository / "vae" / "1").manifest
+        r = asyncio.run(sigterm_under_load(server, manifest, callers=64, before=1.0, seconds=20.0))
+    finally:
+        server.stop()
+    calls = r["calls"]
+    assert set(calls["before"]) == {"OK"} and calls["before"]["OK"] > 64
+    assert set(calls["notice"]) <= {"OK", "UNAVAILABLE"} and calls["notice"]["OK"] > 0  # still served while NOT_SERVING
+    assert set(calls.get("after", {})) <= {"UNAVAILABLE"}
+    assert r["messages"] == {"UNAVAILABLE": DRAINING_MESSAGE}
+    assert r["not_serving_after_s"] is not None and r["not_serving_after_s"] < 1.0 <= r["unavailable_after_s"]
+    assert r["exit_code"] == 0
+
+
+def test_a_second_sigterm_skips_the_rest_of_the_notice(model_repository, start_server):
+    import time
+
+    server = start_server(model_repository, drain_notice_seconds=60.0)
+    try:
+        server.wait_serving()
+        server.process.send_signal(15)
+        for _ in range(100):  # the notice has begun once health says NOT_SERVING
+            if server.health() == NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert server.health() == NOT_SERVING
+        start = time.monotonic()
+        server.process.send_signal(15)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - start < 30
+    finally:
+        server.stop()
+
+
+def test_calls_above_the_concurrency_limit_are_resource_exhausted_at_once(model_repository, start_server):
+    from vaeserve.service.client import AsyncClient
+
+    server = start_server(model_repository, max_concurrent_rpcs=2)
+    try:
+        server.wait_serving()
+
+        async def burst():
+            async with AsyncClient(server.target) as client:
+                x = np.full((256, 64), 0.5, np.float32)
+                calls = [client.score("vae", x, iw_samples=256) for _ in range(8)]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(burst())
+        counted = server.metrics()[("vaeserve_rejected_total", (("reason", "overloaded"),))]
+    finally:
+        server.stop()
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert refused and answered and len(refused) + len(answered) == 8
+    assert {(r.code(), r.details()) for r in refused} == {
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "the server holds 2 calls, its max_concurrent_rpcs; retry later")
+    }
+    assert counted == len(refused)
+    assert all(len(r.neg_elbo) == 256 and np.isfinite(r.neg_iw).all() for r in answered)
