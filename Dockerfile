@@ -37,16 +37,21 @@ RUN apt-get update \
 COPY --from=builder /opt/vaeserve /opt/vaeserve
 COPY deploy/docker/healthcheck.py /opt/vaeserve/healthcheck.py
 # The model repository is mounted here, read-only: /models/<name>/<version>/{encoder.onnx,decoder.onnx,manifest.json}.
+# Outside a container the server binds loopback only; here it must bind every interface for -p and pod
+# networking to reach it. /metrics is plaintext without auth: publish 8000 only where Prometheus alone reaches.
 ENV PATH=/opt/vaeserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     VAESERVE_REPOSITORY=/models \
+    VAESERVE_HOST=[::] \
     VAESERVE_PORT=50051 \
+    VAESERVE_METRICS_HOST=[::] \
     VAESERVE_METRICS_PORT=8000 \
     VAESERVE_DRAIN_SECONDS=10
 VOLUME ["/models"]
 EXPOSE 50051 8000
 USER 10001:10001
 # grpc.health.v1 for the whole server: healthy once the models are warmed up, unhealthy while draining.
+# With TLS on, the script uses VAESERVE_HEALTH_PORT when set, else TLS to the main port (see the script).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "/opt/vaeserve/healthcheck.py"]
 ENTRYPOINT ["vaeserve", "serve"]
@@ -63,7 +68,9 @@ COPY deploy/docker/healthcheck.py /opt/vaeserve/healthcheck.py
 ENV PATH=/opt/vaeserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     VAESERVE_REPOSITORY=/models \
+    VAESERVE_HOST=[::] \
     VAESERVE_PORT=50051 \
+    VAESERVE_METRICS_HOST=[::] \
     VAESERVE_METRICS_PORT=8000 \
     VAESERVE_DRAIN_SECONDS=10
 VOLUME ["/models"]

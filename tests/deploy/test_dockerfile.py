@@ -63,10 +63,14 @@ def test_runtime_stage(stages, name):
     assert json.loads(instructions(stage, "ENTRYPOINT")[0]) == ["vaeserve", "serve"]
     assert json.loads(instructions(stage, "VOLUME")[0]) == ["/models"]
     env = dict(token.split("=", 1) for token in shlex.split(" ".join(instructions(stage, "ENV"))))
-    settings = {env_name for _, env_name, _, _ in describe()}
+    settings = {env_name for _, env_name, *_ in describe()}
     assert {key for key in env if key.startswith("VAESERVE_")} <= settings
     assert env["VAESERVE_REPOSITORY"] == "/models"
     assert (env["VAESERVE_PORT"], env["VAESERVE_METRICS_PORT"]) == ("50051", "8000")
+    # The settings bind loopback; in a container that would reach nothing from outside (-p, pod IPs).
+    defaults = {env_name: default for _, env_name, default, *_ in describe()}
+    assert defaults["VAESERVE_HOST"] == defaults["VAESERVE_METRICS_HOST"] == "127.0.0.1"
+    assert (env["VAESERVE_HOST"], env["VAESERVE_METRICS_HOST"]) == ("[::]", "[::]")
     assert env["PATH"].startswith("/opt/vaeserve/bin:")
     healthcheck = instructions(stage, "HEALTHCHECK")
     assert len(healthcheck) == 1

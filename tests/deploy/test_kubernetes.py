@@ -1,5 +1,7 @@
 """The Kubernetes manifests parse, hang together (names, labels, ports), and say what the server
-needs: a GPU, gRPC health probes, h2c and headless Services, a termination period longer than the drain."""
+needs: a GPU, every interface bound, gRPC health probes on the plaintext health port, TLS and token
+Secrets mounted read-only, TLS Services (ClusterIP and headless), a termination period longer than the
+drain notice and the drain."""
 
 from pathlib import Path
 
@@ -55,9 +57,13 @@ def test_deployment_requests_one_gpu(container, pod):
 
 def test_environment_names_real_settings_and_matches_the_ports(container, pod):
     env = env_of(container)
-    assert set(env) <= {env_name for _, env_name, _, _ in describe()}
+    assert set(env) <= {env_name for _, env_name, *_ in describe()}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["VAESERVE_PORT"]), "metrics": int(env["VAESERVE_METRICS_PORT"])} == {"grpc": 50051, "metrics": 8000}
+    settings = {name: int(env[f"VAESERVE_{variable}"]) for name, variable in
+                (("grpc", "PORT"), ("health", "HEALTH_PORT"), ("metrics", "METRICS_PORT"))}  # fmt: skip
+    assert ports == settings == {"grpc": 50051, "health": 50052, "metrics": 8000}
+    # The settings default to loopback; in a pod the kubelet, the Services and Prometheus come from outside.
+    assert (env["VAESERVE_HOST"], env["VAESERVE_METRICS_HOST"]) == ("[::]", "[::]")
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == env["VAESERVE_METRICS_PORT"]
@@ -65,20 +71,63 @@ def test_environment_names_real_settings_and_matches_the_ports(container, pod):
 
 
 @pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
-def test_native_grpc_health_probes(container, probe):
-    assert container[probe]["grpc"] == {"port": 50051}  # grpc.health.v1, service "": the whole server
+def test_native_grpc_health_probes_on_the_health_port(container, probe):
+    # grpc.health.v1, service "": the whole server. The probes cannot speak TLS, so they use the
+    # plaintext health port (a number: a gRPC probe takes no port name).
+    health = {p["name"]: p["containerPort"] for p in container["ports"]}["health"]
+    assert container[probe]["grpc"] == {"port": health} == {"port": int(env_of(container)["VAESERVE_HEALTH_PORT"])}
 
 
-def test_termination_outlasts_the_drain(container, pod):
-    drain = float(env_of(container)["VAESERVE_DRAIN_SECONDS"])
-    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
+def test_termination_outlasts_the_drain_notice_and_the_drain(container, pod):
+    env = env_of(container)
+    notice, drain = float(env["VAESERVE_DRAIN_NOTICE_SECONDS"]), float(env["VAESERVE_DRAIN_SECONDS"])
+    assert notice > 0  # the server keeps serving while endpoints update: no preStop sleep needed
+    assert "lifecycle" not in container
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace > float(pre_stop[1]) + drain + 10, (grace, pre_stop, drain)
+    assert grace > notice + drain + 10, (grace, notice, drain)
     # A draining pod answers NOT_SERVING: it must leave the endpoints at once, and not be restarted.
     assert container["readinessProbe"]["failureThreshold"] == 1
     liveness = container["livenessProbe"]
-    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > notice + drain
+
+
+# Secret, its keys, and the variables that must point at them inside the mount.
+SECRETS = {
+    "vaeserve-tls": {"tls.crt": "VAESERVE_TLS_CERT", "tls.key": "VAESERVE_TLS_KEY"},
+    "vaeserve-tokens": {"tokens": "VAESERVE_AUTH_TOKENS_FILE"},
+}
+
+
+def test_tls_and_token_secrets_mounted_read_only(objects, container, pod):
+    env = env_of(container)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    by_secret = {v["secret"]["secretName"]: name for name, v in volumes.items() if "secret" in v}
+    assert set(by_secret) == set(SECRETS)
+    for secret, keys in SECRETS.items():
+        volume, mount = volumes[by_secret[secret]], mounts[by_secret[secret]]
+        # Required, and created by the operator (examples/secrets.yaml), never applied from placeholders.
+        assert volume["secret"]["optional"] is False and ("Secret", secret) not in objects
+        assert mount["readOnly"] is True
+        assert "subPath" not in mount  # a subPath mount is never updated: rotation would need a restart
+        assert mount["mountPath"].startswith("/etc/vaeserve/")
+        for key, variable in keys.items():
+            assert env[variable] == f"{mount['mountPath']}/{key}"
+    assert "VAESERVE_TLS_CLIENT_CA" not in env  # mTLS is the operator's choice: clients need certificates
+
+
+def test_example_secrets_match_what_the_deployment_mounts():
+    secrets = {doc["metadata"]["name"]: doc for doc in load(KUBERNETES / "examples" / "secrets.yaml")}
+    assert set(secrets) == set(SECRETS)
+    assert secrets["vaeserve-tls"]["type"] == "kubernetes.io/tls"  # what `kubectl create secret tls` makes
+    for name, keys in SECRETS.items():
+        assert set(secrets[name]["stringData"]) == set(keys)
+        assert secrets[name]["metadata"]["namespace"] == "vaeserve"
+    assert "PLACEHOLDER" in secrets["vaeserve-tls"]["stringData"]["tls.key"]
+    text = (KUBERNETES / "examples" / "secrets.yaml").read_text()
+    assert "kubectl create secret tls vaeserve-tls" in text
+    assert "kubectl create secret generic vaeserve-tokens" in text and "--from-file=tokens=" in text
+    assert 'printf %s "$TOKEN" | sha256sum' in text
 
 
 def test_model_volume_read_only_at_the_images_path(objects, container, pod):
@@ -100,15 +149,21 @@ def test_runs_as_the_images_non_root_user(pod, container):
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
-def test_services_route_grpc_over_h2c(objects, pod):
+def test_services_route_grpc_over_tls(objects, pod, container):
     labels = pod["metadata"]["labels"]
-    for name, headless in (("vaeserve", False), ("vaeserve-headless", True)):
+    assert "VAESERVE_TLS_CERT" in env_of(container)
+    # The port speaks TLS, so not h2c (HTTP/2 in cleartext): https, HTTP/2 over TLS.
+    grpc_port = {"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "https"}
+    for name, headless, exposed in (("vaeserve", False, {"grpc"}), ("vaeserve-headless", True, {"grpc", "metrics"})):
         spec = objects[("Service", name)]["spec"]
         assert spec["selector"].items() <= labels.items(), name
         assert (spec.get("clusterIP") == "None") is headless, name
         ports = {p["name"]: p for p in spec["ports"]}
-        assert ports["grpc"] == {"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"}
-        assert ports["metrics"]["targetPort"] == "metrics"
+        # Metrics (plaintext, no auth) only on the headless Service Prometheus discovers the pods by;
+        # the health port on neither: only the kubelet uses it.
+        assert set(ports) == exposed, name
+        assert ports["grpc"] == grpc_port
+        assert all(ports[port]["targetPort"] == port for port in exposed), name
 
 
 def test_deployment_selector_matches_its_pods(objects, pod):

@@ -5,9 +5,11 @@ the server exports."""
 import json
 import subprocess
 
+import grpc
 import yaml
 
 from deploy_support import DEPLOY, ROOT, exported_metric_names, prometheus_tool, promql_metric_names
+from vaeserve.service import status
 
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS_YML = DEPLOY / "prometheus" / "alerts.yml"
@@ -27,7 +29,7 @@ def test_promtool_check_config():
 
 def test_promtool_check_rules():
     out = promtool("check", "rules", str(ALERTS_YML))
-    assert "SUCCESS: 7 rules found" in out
+    assert "SUCCESS: 8 rules found" in out
 
 
 def test_alert_rules_unit_tests():
@@ -39,14 +41,20 @@ def alert_rules() -> list[dict]:
     return [rule for group in yaml.safe_load(ALERTS_YML.read_text())["groups"] for rule in group["rules"]]
 
 
-def test_alerts_cover_errors_latency_queue_and_readiness():
+def test_alerts_cover_errors_latency_queue_readiness_and_loads():
     rules = {rule["alert"]: rule for rule in alert_rules()}
     assert set(rules) == {
         "VaeserveHighErrorRatio", "VaeserveHighLatencyP99", "VaeserveQueueRejecting", "VaeserveQueueSaturated",
-        "VaeserveTargetDown", "VaeserveNoReadyReplicas", "VaeservePodNotReady",
+        "VaeserveModelLoadFailed", "VaeserveTargetDown", "VaeserveNoReadyReplicas", "VaeservePodNotReady",
     }  # fmt: skip
     assert "histogram_quantile(0.99" in rules["VaeserveHighLatencyP99"]["expr"]
+    # vaeserve_rejected_total{reason="overloaded"} counts the RESOURCE_EXHAUSTED answers of full queues,
+    # which vaeserve_requests_total counts too, by model: this alert covers them, no second one needed.
     assert 'code="RESOURCE_EXHAUSTED"' in rules["VaeserveQueueRejecting"]["expr"]
+    overloaded = [kind for kind, reason in status.REJECTED.items() if reason == "overloaded"]
+    assert overloaded and all(status.STATUS[kind] == grpc.StatusCode.RESOURCE_EXHAUSTED for kind in overloaded)
+    failed_loads = 'vaeserve_model_loads_total{job="vaeserve", result="failed"}'
+    assert f"increase({failed_loads}[10m])" in rules["VaeserveModelLoadFailed"]["expr"]
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"page", "warning"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -88,6 +96,8 @@ def test_dashboard_shows_what_the_issue_asks():
     assert "vaeserve_queue_wait_seconds_bucket" in queue and "vaeserve_compute_seconds_bucket" in queue
     assert "vaeserve_batch_rows_bucket" in by_title["Batch size distribution"][0]
     assert "vaeserve_pending_requests" in by_title["Pending requests"][0]
+    assert "vaeserve_rejected_total" in by_title["Calls rejected before compute"][0]
+    assert "vaeserve_model_loads_total" in by_title["Model version loads"][0]
 
 
 def test_dashboard_is_importable_grafana_json():

@@ -173,7 +173,7 @@ def test_alert_rules_evaluate_on_live_series(prometheus, sent):
     while not evaluated(groups := prometheus.get("/api/v1/rules")["groups"]) and time.monotonic() < end:
         time.sleep(0.25)
     rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
-    assert len(rules) == 7
+    assert len(rules) == 8
     for name, rule in rules.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
     # INVALID_ARGUMENT is the caller's fault: no error-ratio alert; nothing else is wrong either,
@@ -190,6 +190,11 @@ def test_every_dashboard_query_runs(prometheus, sent):
     for title, expr in targets:
         for variable, value in fill.items():
             expr = expr.replace(variable, value)
+        if "vaeserve_rejected_total" in expr:
+            # Its series may start only at the first rejection, and this server rejected nothing: the query must
+            # run (Prometheus accepts it), with or without data.
+            prometheus.query(expr)
+            continue
         results[expr] = (title, prometheus.wait_for(expr, lambda r: len(r) > 0, timeout=10))
     assert [(title, expr) for expr, (title, result) in results.items() if not result] == []
     # The server-error ratio reads 0, not "no data": the one failed request was the caller's fault.
