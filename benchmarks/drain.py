@@ -12,19 +12,14 @@ import collections
 import signal
 import time
 
-from vaeserve.benchmarks.harness import start_server
+from vaeserve.benchmarks.harness import model_version, start_server
 
 
 def run(args) -> int:
     import json
 
-    from vaeserve.artifact.repository import newest, scan_repository
-    from vaeserve.errors import ConfigError
 
-    found = scan_repository(args.repository)
-    if not found or (args.model and args.model not in found):
-        raise ConfigError(f"no valid version of {args.model or 'any model'} under {args.repository}")
-    version = newest(found[args.model or sorted(found)[0]])
+    version = model_version(args.repository, args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     server = start_server(args.repository, log=args.out / "server.log", drain_notice_seconds=args.notice)
     try:

@@ -11,6 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def model_version(repository: Path, model: str | None = None):
+    """The newest valid version of `model` (default: the first model by name) under `repository`."""
+    from vaeserve.artifact.repository import newest, scan_repository
+    from vaeserve.errors import ConfigError
+
+    found = scan_repository(repository)
+    if not found or (model and model not in found):
+        raise ConfigError(f"no valid version of {model or 'any model'} under {repository}")
+    return newest(found[model or sorted(found)[0]])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

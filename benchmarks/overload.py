@@ -13,7 +13,7 @@ import asyncio
 import collections
 import time
 
-from vaeserve.benchmarks.harness import start_server
+from vaeserve.benchmarks.harness import model_version, start_server
 
 CAPACITY_SECONDS = 5.0
 
@@ -21,13 +21,8 @@ CAPACITY_SECONDS = 5.0
 def run(args) -> int:
     import json
 
-    from vaeserve.artifact.repository import newest, scan_repository
-    from vaeserve.errors import ConfigError
 
-    found = scan_repository(args.repository)
-    if not found or (args.model and args.model not in found):
-        raise ConfigError(f"no valid version of {args.model or 'any model'} under {args.repository}")
-    version = newest(found[args.model or sorted(found)[0]])
+    version = model_version(args.repository, args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     server = start_server(args.repository, log=args.out / "server.log", max_batch_size=args.max_batch_size)
     try:
@@ -101,6 +96,7 @@ async def _overload(args, server, version) -> dict:
             outstanding -= 1
 
         tasks = set()
+        batches = _batches(server)
         cpu = _cpu(server)
         start = time.perf_counter()
         sent, next_rss = 0, start + 1.0
@@ -121,6 +117,7 @@ async def _overload(args, server, version) -> dict:
             await asyncio.sleep(0.001)
         elapsed = time.perf_counter() - start
         cpu_overload = _per_second(cpu, _cpu(server), elapsed)
+        batches = {k: v - batches[k] for k, v in _batches(server).items()}
         await asyncio.gather(*tasks)
         rss.append(server.memory()["VmRSS"])
         await asyncio.sleep(1.0)
@@ -137,7 +134,17 @@ async def _overload(args, server, version) -> dict:
         "rss_mib": [r / 2**20 for r in rss], "rss_growth": max(rss) / rss_before - 1,
         "recovered_req_s": recovered, "server_rejected": rejected,
         "cores_used": {"capacity": cpu_capacity, "overload": cpu_overload},
+        "score_batches": {"batches": batches["count"], "mean_rows": batches["rows"] / max(batches["count"], 1),
+                          "mean_compute_ms": 1000 * batches["seconds"] / max(batches["count"], 1),
+                          "compute_busy": batches["seconds"] / elapsed},
     }  # fmt: skip
+
+
+def _batches(server) -> dict:
+    """Score batches so far: how many, their rows and compute seconds, from the server's metrics."""
+    m = {name: value for (name, labels), value in server.metrics().items() if dict(labels).get("graph") == "score"}
+    return {"count": m.get("vaeserve_batch_rows_count", 0.0), "rows": m.get("vaeserve_batch_rows_sum", 0.0),
+            "seconds": m.get("vaeserve_compute_seconds_sum", 0.0)}  # fmt: skip
 
 
 def _cpu(server) -> dict:
@@ -162,9 +169,14 @@ def _report(r: dict) -> None:
     print(f"answered {r['answered']}: " + ", ".join(f"{c} {n}" for c, n in sorted(r["codes"].items())))
     for code, q in sorted(r["latency_ms"].items()):
         print(f"  {code}: p50 {q[50]:.1f} ms, p99 {q[99]:.1f} ms")
-    print(f"OK: {r['ok_req_s']:.0f} req/s = {r['ok_req_s'] / r['capacity_req_s']:.2f}x capacity; "
+    baseline = (r["capacity_req_s"] + r["recovered_req_s"]) / 2
+    print(f"OK: {r['ok_req_s']:.0f} req/s = {r['ok_req_s'] / r['capacity_req_s']:.2f}x capacity before, "
+          f"{r['ok_req_s'] / baseline:.2f}x the mean of before and after; "
           f"CANCELLED {100 * r['cancelled_fraction']:.2f}%")  # fmt: skip
     print(f"RSS: {r['rss_mib'][0]:.0f} MiB before, max {max(r['rss_mib']):.0f}, growth {100 * r['rss_growth']:.1f}%")
     print(f"after: {r['recovered_req_s']:.0f} req/s = {r['recovered_req_s'] / r['capacity_req_s']:.2f}x capacity")
     print(f"cores used: {r['cores_used']}")
+    b = r["score_batches"]
+    print(f"Score batches during the overload: {b['batches']:.0f}, {b['mean_rows']:.0f} rows and "
+          f"{b['mean_compute_ms']:.1f} ms each, computing {100 * b['compute_busy']:.0f}% of the time")
     print(f"server vaeserve_rejected_total: {r['server_rejected']}; exit code {r['exit_code']}")

@@ -49,16 +49,12 @@ def copy_version(source: Path, root: Path, model: str, version: int, damage=None
 def run(args) -> int:
     import asyncio
 
-    from vaeserve.artifact.repository import newest, scan_repository
-    from vaeserve.benchmarks.harness import start_server
+    from vaeserve.benchmarks.harness import model_version, start_server
     from vaeserve.errors import ConfigError
 
     if args.seconds <= 0 or args.cycles < 1 or args.callers < 1 or args.poll <= 0:
         raise ConfigError("--seconds and --poll must be positive, --cycles and --callers at least 1")
-    found = scan_repository(args.repository)
-    if not found or (args.model and args.model not in found):
-        raise ConfigError(f"no valid version of {args.model or 'any model'} under {args.repository}")
-    version = newest(found[args.model or sorted(found)[0]])
+    version = model_version(args.repository, args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vaeserve-bench-reload-") as tmp:
         root = Path(tmp) / "models"

@@ -13,22 +13,18 @@ is the median of the rounds' ratios. Loops are bounded by --seconds per point an
 
 import contextlib
 
-from vaeserve.benchmarks.harness import free_port, start_server
+from vaeserve.benchmarks.harness import free_port, model_version, start_server
 
 
 def run(args) -> int:
     import asyncio
     import json
 
-    from vaeserve.artifact.repository import newest, scan_repository
     from vaeserve.errors import ConfigError
 
     if args.rounds < 1 or args.seconds <= 0:
         raise ConfigError("--rounds must be at least 1 and --seconds positive")
-    found = scan_repository(args.repository)
-    if not found or (args.model and args.model not in found):
-        raise ConfigError(f"no valid version of {args.model or 'any model'} under {args.repository}")
-    version = newest(found[args.model or sorted(found)[0]])
+    version = model_version(args.repository, args.model)
     results = asyncio.run(_run_all(args, version))
     if args.json:
         print(json.dumps(results, indent=2))

@@ -66,7 +66,8 @@ class Settings:
     )
     max_concurrent_rpcs: int = _setting(
         0, "calls inside handlers at once; more get RESOURCE_EXHAUSTED at once (gRPC itself refuses beyond twice "
-        "this, counting calls not yet handled and health); 0 = max_queue_size + 128", 0,
+        "this, counting calls not yet handled and health); 0 = max_batch_size + 128: a batch of single-row calls "
+        "and room for others; the fewer calls held, the less memory and queueing an overload costs", 0,
     )
     warmup_rows: int = _setting(8, "rows of zeros run through every graph before reporting SERVING", 0)
 
@@ -113,7 +114,7 @@ class Settings:
 
     @property
     def concurrent_rpcs(self) -> int:
-        return self.max_concurrent_rpcs or self.max_queue_size + 128
+        return self.max_concurrent_rpcs or self.max_batch_size + 128
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)

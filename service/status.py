@@ -47,8 +47,9 @@ def limit_in_flight(calls: int) -> None:
 
 def stop_accepting() -> None:
     """From now on every call is answered UNAVAILABLE (the drain); calls already inside finish."""
-    global _accepting
+    global _accepting, _last_refused
     _accepting = False
+    _last_refused = time.monotonic()  # the quiet the drain waits for is counted from here
 
 
 def seconds_since_refused() -> float:
