@@ -350,7 +350,8 @@ class RepositoryState:
 
         Newest first: a version of `current` whose fingerprint is unchanged is kept; any other is `load`ed
         unless it failed before with this fingerprint. A failure (ArtifactError) is logged once with its
-        reason and counted, and a changed version that fails leaves the one served in place. Versions below
+        reason and counted (any exception, not only ArtifactError: an unreadable file, a graph removed
+        mid-rescan), and a changed version that fails leaves the one served in place. Versions below
         the newest that load are not read."""
         limit = self.max_versions or math.inf
         failed, chosen = dict(self.failed), {}
@@ -369,8 +370,8 @@ class RepositoryState:
                 if model is None and failed.get(key) != fingerprint:
                     try:
                         model = load(key, folder, fingerprint)
-                    except ArtifactError as err:
-                        log.error("skipping %s: %s", folder, err)
+                    except Exception as err:  # one version, whatever broke it, never blocks the others
+                        log.error("skipping %s: %s", folder, err, exc_info=not isinstance(err, ArtifactError | OSError))
                         metrics.MODEL_LOADS.labels(name, "failed").inc()
                         failed[key] = fingerprint
                 if model is None:

@@ -60,7 +60,12 @@ class RepositoryWatcher:
         self._problem = None
         if models is None:
             return
-        for model in self.registry.serve(models):
+        try:
+            leaving = self.registry.serve(models)
+        except Exception:  # a bug, not a bad file: say so, and keep watching
+            log.exception("cannot swap in the rescanned versions; serving what was loaded")
+            return
+        for model in leaving:
             task = loop.create_task(model.retire(), name=f"retire {model.name} version {model.version}")
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)

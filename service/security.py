@@ -33,12 +33,18 @@ TOKEN_LOOK_SECONDS = 1.0  # how often a call may stat the token file
 _HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
-def add_port(server: grpc.aio.Server, settings: Settings) -> int:
-    """Bind settings.host:settings.port, TLS only when tls_cert is set; the port bound, 0 if none."""
-    address = f"{settings.host}:{settings.port}"
+def certificates(settings: Settings) -> "CertificateFiles | None":
+    """The server's certificate files, read and checked now (ValueError naming the file), when tls_cert is set."""
     if settings.tls_cert is None:
+        return None
+    return CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+
+
+def add_port(server: grpc.aio.Server, settings: Settings, files: "CertificateFiles | None") -> int:
+    """Bind settings.host:settings.port, TLS when there are certificate files; the port bound, 0 if none."""
+    address = f"{settings.host}:{settings.port}"
+    if files is None:
         return server.add_insecure_port(address)
-    files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return server.add_secure_port(address, files.credentials())
 
 
@@ -54,10 +60,17 @@ def _signature(paths) -> tuple:
 
 class _Reloading:
     """A value read from files, read again by `refresh` when they change. A read that fails keeps the
-    previous value and is logged once (until the problem changes), so a half-written file is harmless."""
+    previous value and is logged once (until the problem changes). With `settle`, a change counts once
+    the files have looked the same twice in a row, for files whose half-written state still reads (a
+    token file cut short is a shorter list of tokens; a certificate cut short fails its check anyway).
+    Files gone altogether give `when_missing` when it is set (tokens: refuse every call rather than keep
+    a revoked one), else the previous value stays."""
 
-    def __init__(self, what: str, paths, read):
+    _MISSING = object()
+
+    def __init__(self, what: str, paths, read, *, settle: bool = False, when_missing=_MISSING):
         self.what, self.paths, self._read, self._problem = what, tuple(paths), read, None
+        self._settle, self._when_missing, self._pending = settle, when_missing, None
         try:
             self._signature = _signature(self.paths)
             self.value = read(*self.paths)
@@ -69,18 +82,31 @@ class _Reloading:
         try:
             signature = _signature(self.paths)
             if signature == self._signature:
+                self._pending = None
+                return False
+            if self._settle and signature != self._pending:  # changed since the last look: look again first
+                self._pending = signature
                 return False
             value = self._read(*self.paths)
             if _signature(self.paths) != signature:
                 return False  # written to while read: the next look reads them again
+        except FileNotFoundError as err:
+            if self._when_missing is self._MISSING:
+                return self._failed(err)
+            self._signature, self.value, self._pending = None, self._when_missing, None
+            self._failed(err, "using none until it is back")
+            return True
         except Exception as err:  # gRPC core threads call this, and so does every RPC: never raise into them
-            if str(err) != self._problem:
-                self._problem = str(err)
-                log.error("%s: keeping what was read before: %s", self.what, err)
-            return False
-        self._signature, self.value, self._problem = signature, value, None
+            return self._failed(err)
+        self._signature, self.value, self._problem, self._pending = signature, value, None, None
         log.info("%s: read again from %s", self.what, ", ".join(map(str, self.paths)))
         return True
+
+    def _failed(self, err: Exception, outcome: str = "keeping what was read before") -> bool:
+        if str(err) != self._problem:
+            self._problem = str(err)
+            log.error("%s: %s: %s", self.what, outcome, err)
+        return False
 
 
 # TLS
@@ -103,8 +129,8 @@ def certificate_configuration(cert: Path, key: Path, client_ca: Path | None = No
         raise ValueError(f"{cert} and {key} are not a PEM certificate chain and its unencrypted key ({err})") from None
     if roots is not None:
         try:
-            context.load_verify_locations(cadata=roots.decode("ascii"))
-        except (ssl.SSLError, UnicodeDecodeError) as err:
+            context.load_verify_locations(cafile=client_ca)  # by path: bundles may carry non-ASCII comments
+        except ssl.SSLError as err:
             raise ValueError(f"{client_ca} is not a PEM bundle of CA certificates ({err})") from None
     return grpc.ssl_server_certificate_configuration([(private_key, chain)], root_certificates=roots)
 
@@ -140,10 +166,12 @@ def read_tokens(path: Path) -> tuple[bytes, ...]:
     of one), per line; blank lines and lines starting with # are skipped. Errors name the line, never
     its text, which may be a secret."""
     digests = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):  # -sig: a BOM is not a token
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if not (line.isascii() and line.isprintable()):
+            raise ValueError(f"{path} line {number}: a token is printable ASCII")
         if line.startswith("sha256:"):
             hashed = _HASHED.fullmatch(line)
             if hashed is None:
@@ -161,7 +189,7 @@ class TokenFile:
     Used on the event loop only."""
 
     def __init__(self, path: Path):
-        self._file = _Reloading("auth_tokens_file", [path], read_tokens)
+        self._file = _Reloading("auth_tokens_file", [path], read_tokens, settle=True, when_missing=())
         self._next_look = time.monotonic() + TOKEN_LOOK_SECONDS
         self._warn_if_empty()
 

@@ -49,7 +49,9 @@ ENVELOPE_BYTES = 64 * 1024  # a message's names, options and framing beside its 
 MAX_MESSAGE_BYTES = 2**31 - 1  # what gRPC's limits can hold
 DRAIN_POLL_SECONDS = 0.01
 HEALTH_CONCURRENT_RPCS = 64  # the health port answers probes, not traffic
-DRAIN_QUIET_SECONDS = 0.25  # the drain ends once no call has come in for this long (or at drain_seconds)
+DRAIN_QUIET_SECONDS = 0.25  # the drain ends once no call has come in for this long, with none in flight,
+DRAIN_REFUSING_SECONDS = 1.0  # or once this long has passed since accepting stopped (or at drain_seconds)
+STOP_GRACE_SECONDS = 0.5  # for a call taken in at the very end; then streams are cancelled
 
 
 def message_limits(settings: Settings, manifests: list[Manifest]) -> tuple[int, int]:
@@ -67,6 +69,9 @@ class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
         # Opened (and checked) before the server exists: its message limits follow from the models served.
+        # Certificates and tokens first: a bad file is one line at once, not after minutes of loading models.
+        self._certificates = security.certificates(settings)
+        interceptors = security.interceptors(settings)
         self.opened = open_models(settings)
         self.servicer = InferenceServicer()
         status.limit_in_flight(settings.concurrent_rpcs)
@@ -77,7 +82,7 @@ class Server:
         self._executor = ThreadPoolExecutor(settings.compute_threads or os.cpu_count() or 1, thread_name_prefix="ort")
         self.receive_limit, self.send_limit = message_limits(settings, [m.manifest for m in self.opened])
         self._server = grpc.aio.server(
-            interceptors=security.interceptors(settings),
+            interceptors=interceptors,
             maximum_concurrent_rpcs=2 * settings.concurrent_rpcs,  # a backstop: status.py's limit is the one counted
             options=[
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -94,13 +99,14 @@ class Server:
         self._health_server = None
         self.health_port: int | None = None
         if settings.health_port >= 0:
-            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS)
+            # No SO_REUSEPORT: a second process on the same port would answer probes for this one.
+            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS, options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
 
     async def start(self) -> None:
         """Bind, answer NOT_SERVING while models load and warm up, then SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = security.add_port(self._server, self.settings)
+        self.port = security.add_port(self._server, self.settings, self._certificates)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self._server.start()
@@ -123,6 +129,8 @@ class Server:
         self.servicer.serve(self.registry)
         self._watcher = RepositoryWatcher(self.registry, self.settings.repository_poll_seconds)
         self._watcher.start()
+        if self._stopping.is_set():  # SIGTERM during the warm-up: never report SERVING, go straight to the drain
+            return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (pid %d)", sorted(self.registry.models), self.settings.host, self.port, os.getpid())
 
@@ -182,13 +190,22 @@ class Server:
             model.drain()
         log.info("draining: new calls get UNAVAILABLE; finishing %d in flight (up to %.1f s)", memory.in_flight(),
                  settings.drain_seconds)  # fmt: skip
-        # Callers still sending are told UNAVAILABLE; stop once they have gone quiet, or the calls they send
-        # meanwhile would be cancelled rather than refused.
-        end = loop.time() + settings.drain_seconds
-        while (memory.in_flight() or status.seconds_since_refused() < DRAIN_QUIET_SECONDS) and loop.time() < end:
+        # Callers still sending are told UNAVAILABLE, and most move on (the calls they would send meanwhile
+        # would be cancelled rather than refused by a stopped server). Once nothing is in flight, stop when
+        # they have gone quiet, or after DRAIN_REFUSING_SECONDS for callers that keep retrying on their
+        # connection: only the stop's GOAWAY sends those elsewhere.
+        start = loop.time()
+        end = start + settings.drain_seconds
+
+        def draining() -> bool:
+            if memory.in_flight():
+                return True
+            return status.seconds_since_refused() < DRAIN_QUIET_SECONDS and loop.time() - start < DRAIN_REFUSING_SECONDS
+
+        while draining() and loop.time() < end:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
-        # What is left is streams such as health Watch, or calls past drain_seconds: both are cancelled.
-        await self._server.stop(DRAIN_POLL_SECONDS)
+        # What is left after the grace is streams such as health Watch, or calls past drain_seconds: cancelled.
+        await self._server.stop(STOP_GRACE_SECONDS)
         if self._health_server is not None:
             await self._health_server.stop(0)
         for model in models:
@@ -197,10 +214,11 @@ class Server:
         log.info("stopped")
 
 
-async def _serve_worker(settings: Settings) -> None:
+async def _serve_worker(settings: Settings, stop_signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while models load: a SIGHUP then must not end the process
     server = Server(settings)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals:
         loop.add_signal_handler(sig, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.request_rescan)  # a rescan, not the default exit
     await server.start()
@@ -209,9 +227,11 @@ async def _serve_worker(settings: Settings) -> None:
 
 def _worker_main(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM; Ctrl-C reaches the group
+    # Ctrl-C reaches the whole group and the parent forwards it as SIGTERM: one signal, not a second one
+    # that would skip the drain's notice.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asyncio.run(_serve_worker(settings))
+        asyncio.run(_serve_worker(settings, stop_signals=(signal.SIGTERM,)))
     except VaeserveError as err:
         log.error("%s", err)
         raise SystemExit(2) from None
@@ -246,6 +266,7 @@ def serve(settings: Settings) -> int:
 def _serve_workers(settings: Settings) -> int:
     import multiprocessing
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the workers are there to pass it on to
     if not scan_repository(settings.repository):  # fail once here rather than in every worker
         raise no_valid_version(settings.repository)
 

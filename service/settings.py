@@ -4,6 +4,7 @@ fields do not justify another dependency in the service image, and every field s
 documented default, one type, one environment variable and a range check.
 """
 
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -103,6 +104,11 @@ class Settings:
             raise ConfigError(f"model repository {self.repository} is not a directory")
         if self.workers > 1 and self.port == 0:
             raise ConfigError("--workers > 1 needs a fixed --port for the workers to share")
+        for f in fields(self):
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"{f.name} ({self.env_name(f.name)}) must be a finite number, got {getattr(self, f.name)}")
+        if self.health_port > 0 and self.health_port == self.port:
+            raise ConfigError(f"health_port {self.health_port} is the gRPC port; give it a port of its own")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both tls_cert and tls_key (VAESERVE_TLS_CERT, VAESERVE_TLS_KEY)")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -14,7 +14,6 @@ a batch starts before its delay is up.
 import asyncio
 import itertools
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -257,34 +256,46 @@ def test_request_past_its_deadline_in_the_queue_expires_before_compute(executor,
     assert run.batches == [(None, [0]), (None, [2])]
 
 
-def test_a_queue_that_would_not_reach_a_request_before_its_deadline_refuses_it_at_once(executor, gate):
-    class Slow(Recorder):
-        def __call__(self, feeds, key):
-            time.sleep(0.1)  # the batcher learns 0.1 s or more per row of work
-            return super().__call__(feeds, key)
-
-    run = Slow(gate)
+def test_a_queue_slower_than_a_requests_deadline_refuses_it_at_once(executor, gate):
+    run = Recorder(gate)
     batcher = make_batcher(run, executor, max_batch_size=1, max_queue_delay=LONG_DELAY)
 
     async def scenario():
         loop = asyncio.get_running_loop()
         batcher.start()
-        gate.release()
-        assert_answered(await submit(batcher, 0), 0)
-        head = submit(batcher, 1)
+        head = submit(batcher, 0)
         await run.computing()
-        queued = submit(batcher, 2)  # no deadline: always queued
-        await until_pending(batcher, 2)
-        with pytest.raises(QueueFull, match="deadline leaves"):  # 2 rows ahead of it: 0.2 s or more, against 0.05 s
+        queued = [submit(batcher, i) for i in (1, 2)]  # no deadline: always queued
+        await asyncio.sleep(0.5)
+        gate.release()  # the head is answered after 0.5 s or more: the batcher's recent time to answer
+        assert_answered(await head, 0)
+        await run.computing()  # request 1 computes; request 2 still queued
+        with pytest.raises(QueueFull, match="deadline allows"):
             await batcher.submit(request(3), deadline=loop.time() + 0.05)
-        patient = submit(batcher, 4, deadline=loop.time() + TIMEOUT)
+        patient = submit(batcher, 4, deadline=loop.time() + 2 * TIMEOUT)
         await until_pending(batcher, 3)
         gate.release(3)
-        return await asyncio.gather(head, queued, patient)
+        return await asyncio.gather(*queued, patient)
 
     for result, request_id in zip(serve(scenario()), (1, 2, 4)):
         assert_answered(result, request_id)
     assert [ids for _, ids in run.batches] == [[0], [1], [2], [4]]
+
+
+def test_a_burst_after_quick_answers_is_not_refused_for_its_deadline(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=0.001, inline_work=INLINE_WORK)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        for i in range(3):  # light load: one row at a time, each answered at once
+            assert_answered(await submit(batcher, i), i)
+        burst = [submit(batcher, 100 + i, deadline=loop.time() + TIMEOUT) for i in range(64)]
+        return await asyncio.gather(*burst)
+
+    for i, result in enumerate(serve(scenario())):
+        assert_answered(result, 100 + i)
 
 
 def test_requests_cancelled_while_their_batch_waits_leave_the_batcher_working(executor):

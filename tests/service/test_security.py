@@ -314,6 +314,30 @@ def test_read_tokens(tmp_path):
         assert TOKEN not in str(err.value)
 
 
+def test_read_tokens_takes_a_bom_and_crlf_and_refuses_what_is_not_printable_ascii(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_bytes(f"\ufeffsha256:{sha256_hex(HASHED_TOKEN)}\r\n{TOKEN}\r\n".encode())
+    assert security.read_tokens(path) == (hashlib.sha256(HASHED_TOKEN.encode()).digest(), hashlib.sha256(TOKEN.encode()).digest())
+    path.write_text(f"{TOKEN}\ntoken-\u00e9t\u00e9\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: a token is printable ASCII"):
+        security.read_tokens(path)
+
+
+def test_token_file_caught_mid_write_is_not_taken_and_a_deleted_one_refuses_everything(tmp_path, monkeypatch):
+    monkeypatch.setattr(security, "TOKEN_LOOK_SECONDS", 0.0)  # look at every call
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n{HASHED_TOKEN}\n")
+    tokens = security.TokenFile(path)
+    assert tokens.accepts(TOKEN) and tokens.accepts(HASHED_TOKEN)
+    path.write_text(TOKEN[:5])  # a write caught halfway by one look (each call looks)
+    assert tokens.accepts(TOKEN)
+    path.write_text(f"{HASHED_TOKEN}\n")  # the write done: taken once two looks agree
+    assert tokens.accepts(TOKEN)
+    assert not tokens.accepts(TOKEN) and tokens.accepts(HASHED_TOKEN) and not tokens.accepts(TOKEN[:5])
+    path.unlink()  # revoked by removing the file: nothing is accepted until it is back
+    assert not tokens.accepts(HASHED_TOKEN)
+
+
 def test_certificate_fetcher_follows_the_files(tmp_path, caplog):
     pki = Pki.make(tmp_path)
     files = security.CertificateFiles(pki.cert, pki.key)
