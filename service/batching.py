@@ -27,11 +27,12 @@ Every request gets exactly one answer: its rows, the batch's error (a failing ba
 own callers), RequestExpired when its deadline passed in the queue, or nothing when its caller
 cancelled (it is dropped before compute). A full queue (max_queue_size requests, or, for a request
 larger than inline_work, max_queued_work values of work) answers QueueFull at once, except to requests
-that arrive while a batch is about to start: they join it instead of waiting. So does a queue whose
-recent requests took longer from arrival to answer (a moving average, reset when the batcher goes
-idle) than half the time a new request's deadline leaves. Under overload the queue so stays as long as
-callers are willing to wait, and what it holds is computed in time, instead of every request waiting
-until it expires. A batch holds at most max_work values of work unless one request alone holds
+that arrive while a batch is about to start: they join it instead of waiting. So does a queue that
+would not reach a request in time: the batches ahead of it (the queue cut into batches, and the one
+computing) at the recent compute time per batch take more than half the time its deadline leaves.
+Under overload the queue so stays as long as callers are willing to wait, and what it holds is
+computed in time, instead of every request waiting until it expires. A batch holds at most max_work
+values of work unless one request alone holds
 more.
 """
 
@@ -82,10 +83,10 @@ class BatcherConfig:
 # features) takes about 0.26 ms on one core; a round trip through a thread costs about as much CPU on a
 # small VM.
 INLINE_WORK = 256 * 64
-# A request is queued only if recent requests' time from arrival to answer fits in this share of the time
-# its deadline leaves: the rest absorbs the queue growing meanwhile and the answer's way back.
+# A request is queued only if the batches ahead of it, at the recent time per batch, fit in this share of
+# the time its deadline leaves: the rest absorbs the estimate's error and the answer's way back.
 QUEUE_SHARE_OF_DEADLINE = 0.5
-SMOOTHING = 0.2  # weight of the latest batch in the moving average of the time requests spend in the batcher
+SMOOTHING = 0.2  # weight of the latest batch in the moving average of compute time per batch
 
 
 def slice_rows(outputs: Feeds, start: int, stop: int) -> Feeds:
@@ -122,7 +123,7 @@ class DynamicBatcher:
         self._expected = 1  # requests recent batches held, forgetting one per batch: as many are likely to come again
         self._arrived = False  # a request arrived since the timer was set
         self._idle_since = 0.0  # loop.time() when the queue last ran empty with nothing computing
-        self._sojourn = 0.0  # seconds from arrival to answer of recent batches' requests (moving average)
+        self._batch_seconds = 0.0  # compute time of recent batches (moving average)
         self._pending = metrics.PENDING.labels(model, graph)
         self._queue_wait = metrics.QUEUE_WAIT.labels(model, graph)
         self._compute = metrics.COMPUTE.labels(model, graph)
@@ -149,10 +150,11 @@ class DynamicBatcher:
                 and not self._starting(now)):  # fmt: skip
             raise QueueFull(f"model {self.model!r} {self.graph} queue holds {self._queued_work:,} values of work, "
                             f"{work:,} more would pass its {cap:,}; retry later")  # fmt: skip
-        if deadline is not None and self._queue and self._sojourn > QUEUE_SHARE_OF_DEADLINE * (deadline - now):
-            raise QueueFull(f"model {self.model!r} {self.graph} queue: recent requests took {self._sojourn:.3f} s to be "
-                            f"answered, more than this call's deadline allows ({max(deadline - now, 0.0):.3f} s left); "
-                            "retry later")  # fmt: skip
+        if deadline is not None and self._queue:
+            ahead = self._batches_ahead(rows, work) * self._batch_seconds
+            if ahead > QUEUE_SHARE_OF_DEADLINE * (deadline - now):
+                raise QueueFull(f"model {self.model!r} {self.graph} queue holds about {ahead:.3f} s of batches, more "
+                                f"than this call's deadline allows ({max(deadline - now, 0.0):.3f} s left); retry later")  # fmt: skip
         if not self._queue and self._computing is None and now - self._idle_since > self.config.max_queue_delay:
             self._expected = 1  # idle for longer than a batch would wait: the callers of past batches have gone
         request = _Request(feeds, key, rows, work, self._loop.create_future(), now, deadline)
@@ -197,6 +199,14 @@ class DynamicBatcher:
         waiting in the queue."""
         return self._computing is None and self._timer is not None and self._timer.when() <= now
 
+    def _batches_ahead(self, rows: int, work: int) -> int:
+        """Batches to run before a new request's is done: the one computing, and the queue with it in
+        batches of max_batch_size rows and max_work values of work (a lower bound: keys split batches too)."""
+        batches = -(-(self._queued_rows + rows) // self.config.max_batch_size)
+        if self.config.max_work:
+            batches = max(batches, -(-(self._queued_work + work) // self.config.max_work))
+        return batches + (self._computing is not None)
+
     def _delay_ends(self) -> float:
         return self._queue[0].enqueued + self.config.max_queue_delay
 
@@ -211,7 +221,6 @@ class DynamicBatcher:
             return
         if not self._queue:
             self._idle_since = self._loop.time()
-            self._sojourn = 0.0  # nothing waits: the next arrival is answered at once, whatever past bursts took
             return
         due = self._loop.time() if self._urgent() or len(self._queue) >= self._expected else self._delay_ends()
         if self._timer is not None:
@@ -273,9 +282,9 @@ class DynamicBatcher:
         """Give each caller its rows of the result, or the batch's error."""
         if err is None:
             try:
-                self._compute.observe(time.perf_counter() - start)
-                sojourn = self._loop.time() - batch[0].enqueued if self._loop is not None else 0.0  # its oldest request
-                self._sojourn = self._sojourn + SMOOTHING * (sojourn - self._sojourn) if self._sojourn else sojourn
+                elapsed = time.perf_counter() - start
+                self._compute.observe(elapsed)
+                self._batch_seconds += SMOOTHING * (elapsed - self._batch_seconds) if self._batch_seconds else elapsed
                 self._batch_rows.observe(rows)
                 offset = 0
                 for r in batch:  # in order

@@ -267,7 +267,7 @@ def test_a_queue_slower_than_a_requests_deadline_refuses_it_at_once(executor, ga
         await run.computing()
         queued = [submit(batcher, i) for i in (1, 2)]  # no deadline: always queued
         await asyncio.sleep(0.5)
-        gate.release()  # the head is answered after 0.5 s or more: the batcher's recent time to answer
+        gate.release()  # the head's batch took 0.5 s or more: the batcher's recent time per batch
         assert_answered(await head, 0)
         await run.computing()  # request 1 computes; request 2 still queued
         with pytest.raises(QueueFull, match="deadline allows"):
