@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     version = export_checkpoint(args.checkpoint, args.repository, name, args.version,
                                 tolerance=args.tolerance, exporter=args.exporter)
     worst = max(version.manifest.parity.max_abs_diff.values())
+    score = max(version.manifest.parity.score.max_rel_diff.values())
     thresholds = version.manifest.thresholds
-    print(f"exported {version.path} (parity max abs diff {worst:.2g}, "
+    print(f"exported {version.path} (parity max abs diff {worst:.2g}, score graph max relative diff {score:.2g}, "
           f"default threshold {thresholds.score} > {thresholds.default:.2f})")
     return 0

@@ -1,8 +1,9 @@
 """`export_checkpoint`: checkpoint -> validated model version in a repository.
 
-Graphs are written into a hidden temp folder inside the model's folder, checked against torch in
-ONNX Runtime, scored for thresholds; manifest.json is written last, atomically, and the folder is
-renamed into place. On any failure the temp folder is removed: no complete version is left.
+Graphs are written into a hidden temp folder inside the model's folder: the encoder and decoder, checked
+against torch in ONNX Runtime, then the score graph composed from them, checked against the NumPy scorer
+on them; the held-out rows are scored for thresholds; manifest.json is written last, atomically, and the
+folder is renamed into place. On any failure the temp folder is removed: no complete version is left.
 """
 
 import datetime
@@ -26,9 +27,11 @@ from vaeserve.artifact.manifest import (
 from vaeserve.artifact.repository import ModelVersion, load_version, next_version
 from vaeserve.artifact.runtime import Graph, scorer
 from vaeserve.errors import ArtifactError, ConfigError, ExportError
-from vaeserve.export.calibrate import calibrate
-from vaeserve.export.graphs import OPSET, describe, export_graph
-from vaeserve.export.validate import BATCH_SIZES, TOLERANCE, check_parity, max_abs_diff, parity_batches
+from vaeserve.export.calibrate import MAX_ROWS, calibrate
+from vaeserve.export.graphs import OPSET, describe, describe_score, export_graph, write_score_graph
+from vaeserve.export.validate import (
+    BATCH_SIZES, SCORE_TOLERANCE, TOLERANCE, check_parity, max_abs_diff, parity_batches, score_parity,
+)  # fmt: skip
 from vaeserve.training.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,11 @@ def export_checkpoint(
     tolerance: float = TOLERANCE,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     exporter: str = "torchscript",
+    score_tolerance: float = SCORE_TOLERANCE,
 ) -> ModelVersion:
-    """Export a checkpoint as `repository/name/version`; the next free version when none is given."""
+    """Export a checkpoint as `repository/name/version`; the next free version when none is given.
+    `tolerance`: max abs difference of the encoder and decoder from torch; `score_tolerance`: relative
+    difference of the score graph from the NumPy scorer (validate.score_parity)."""
     started = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not NAME_PATTERN.fullmatch(name):
@@ -60,7 +66,7 @@ def export_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
-        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter))
+        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter, score_tolerance))
         try:
             os.rename(tmp, final)  # fails when another export took this number meanwhile
         except OSError as err:
@@ -72,7 +78,8 @@ def export_checkpoint(
     return load_version(final)
 
 
-def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, batch_sizes, exporter) -> Manifest:
+def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, batch_sizes, exporter,
+           score_tolerance) -> Manifest:  # fmt: skip
     config, data, model = ckpt.model_config, ckpt.data, ckpt.model
     model.eval()
     if data.support is None:
@@ -97,7 +104,16 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
 
     scoring_info = ScoringInfo(config.likelihood, scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED,
                                tuple(class_prior) if config.conditional else None)  # fmt: skip
-    rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info)
+    # The score graph: encoder and decoder as exported, with this version's scoring settings baked in.
+    score_spec = describe_score(config)
+    write_score_graph(folder / entries["encoder"].file, folder / entries["decoder"].file, score_spec,
+                      folder / score_spec.file, config.likelihood, config.latent_dim, scoring_info.elbo_samples,
+                      scoring_info.seed)  # fmt: skip
+    entries["score"] = GraphInfo(score_spec.file, file_sha256(folder / score_spec.file), score_spec.inputs, score_spec.outputs)
+    graphs["score"] = Graph(folder / score_spec.file, entries["score"])
+    rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info, graphs["score"])
+    score_check = score_parity(rows, raw[:MAX_ROWS], None if labels is None else labels[:MAX_ROWS], batch_sizes,
+                               score_tolerance)  # fmt: skip
     return Manifest(
         name=name,
         version=version,
@@ -110,11 +126,12 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         scoring=scoring_info,
         encoder=entries["encoder"],
         decoder=entries["decoder"],
+        score=entries["score"],
         opset=OPSET,
         exporter=exporter,
         producer={"vaeserve": vaeserve.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__},  # fmt: skip
-        parity=Parity(tuple(batch_sizes), tolerance, diffs),
+        parity=Parity(tuple(batch_sizes), tolerance, diffs, score_check),
         source_checkpoint={"path": str(Path(ckpt.path).resolve()), "sha256": ckpt.sha256()},
         thresholds=calibrate(raw, rows, scoring_info.iw_samples),
     )

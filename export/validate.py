@@ -1,14 +1,19 @@
-"""Check exported graphs against the torch modules they came from, in ONNX Runtime, on real rows.
+"""Check exported graphs against the torch modules they came from, in ONNX Runtime, on real rows, and the
+score graph against the NumPy scorer on the encoder and decoder graphs.
 
 Every graph goes through the same check; every mismatch is collected and reported in one error that
 names the output and its max absolute difference.
 """
 
+import itertools
+
 import numpy as np
 import torch
 
+from vaeserve.artifact.manifest import ScoreParity
 from vaeserve.errors import ExportError
 from vaeserve.artifact.runtime import Graph
+from vaeserve.scoring import Scorer
 from vaeserve.export.graphs import GraphSpec
 
 BATCH_SIZES = (1, 7, 256)
@@ -64,3 +69,32 @@ def check_parity(diffs: dict[str, float], tolerance: float = TOLERANCE) -> None:
     if failed:
         listed = ", ".join(f"{key} max abs diff {diff:.3g}" for key, diff in failed)
         raise ExportError(f"ONNX Runtime disagrees with torch beyond tolerance {tolerance:g}: {listed}")
+
+
+# The score graph against the NumPy scorer: relative, because scores are sums over features and samples
+# whose size grows with the model (and without bound on anomalous rows); float32 likelihood terms summed
+# in float64 land near 1e-8 on the digits models.
+SCORE_TOLERANCE = 1e-5  # |graph - numpy| <= SCORE_TOLERANCE * (1 + |numpy|)
+SCORE_OUTPUTS = ("neg_elbo", "reconstruction", "kl", "per_feature")
+
+
+def score_parity(scorer: Scorer, raw: np.ndarray, labels: np.ndarray | None, batch_sizes=BATCH_SIZES,
+                 tolerance: float = SCORE_TOLERANCE) -> ScoreParity:  # fmt: skip
+    """The score graph of `scorer` against its NumPy path on raw held-out rows (a CVAE's both with their
+    one-hot labels and label-free): all rows in one call, and the first rows, repeated to fill it, at each
+    batch size. Raises one ExportError naming every output beyond the tolerance."""
+    if not scorer.uses_graph():
+        raise ValueError("score_parity needs a Scorer with a score graph")
+    absolute, relative = dict.fromkeys(SCORE_OUTPUTS, 0.0), dict.fromkeys(SCORE_OUTPUTS, 0.0)
+    for size, labelled in itertools.product((None, *batch_sizes), (True, False) if labels is not None else (False,)):
+        index = np.arange(len(raw) if size is None else size) % len(raw)
+        y = labels[index] if labelled else None
+        got, want = scorer.score(raw[index], y), scorer.score(raw[index], y, reference=True)
+        for worst, diffs in zip((absolute, relative), got.differences(want)):
+            for name in SCORE_OUTPUTS:
+                worst[name] = diffs[name] if not diffs[name] <= worst[name] else worst[name]  # NaN sticks
+    failed = [(name, absolute[name], relative[name]) for name in SCORE_OUTPUTS if not relative[name] <= tolerance]
+    if failed:
+        listed = ", ".join(f"score.{name} max abs diff {a:.3g} (relative {r:.3g})" for name, a, r in failed)
+        raise ExportError(f"the score graph disagrees with the NumPy scorer beyond relative tolerance {tolerance:g}: {listed}")
+    return ScoreParity(tuple(batch_sizes), len(raw), tolerance, absolute, relative)

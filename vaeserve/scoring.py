@@ -9,6 +9,14 @@ come in as callables, so the same code runs on ONNX Runtime sessions and on a to
 Everything is in nats, in the model's normalised feature space, float64. Posterior noise comes from a
 seeded generator and is shared by every row, so a row's score does not depend on which other rows share
 its batch or chunk.
+
+A model version exported with a score graph (vaeserve.export.graphs.build_score_graph: encoder, sampling
+with the same noise, decoder and likelihood in one ONNX Runtime call, float64 sums) hands it to the Scorer,
+which runs it in place of the NumPy path whenever no importance-weighted bound is asked for: one call that
+releases the GIL instead of two and float64 NumPy that holds it. Label-free CVAE rows go through it tiled
+over the classes; only the sum over classes (small: no posterior-sample axis) stays in NumPy. The NumPy path stays the reference (export checks the
+graph against it, `vaeserve evaluate` and the tests use it) and scores what the graph does not: the
+importance-weighted bound.
 """
 
 import functools
@@ -31,6 +39,8 @@ SEED = 0  # seed of the posterior noise
 
 Encode = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
 Decode = Callable[[np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
+# score graph(normalised x, one-hot labels or None) -> Scores without neg_iw: `score` with iw_samples=0
+ScoreGraph = Callable[[np.ndarray, np.ndarray | None], "Scores"]
 
 
 def decoder_outputs(likelihood: str) -> tuple[str, ...]:
@@ -122,6 +132,20 @@ class Scores:
         flagged = self.neg_elbo > threshold
         return flagged if self.support_distance is None else flagged | self.out_of_support
 
+    def differences(self, reference: "Scores") -> tuple[dict[str, float], dict[str, float]]:
+        """Max |self - reference| and max |self - reference| / (1 + |reference|) of each score both hold
+        (neg_elbo, reconstruction, kl, neg_iw, per_feature); NaN where a value is NaN in one only."""
+        absolute, relative = {}, {}
+        for name in ("neg_elbo", "reconstruction", "kl", "neg_iw", "per_feature"):
+            got, want = getattr(self, name), getattr(reference, name)
+            if got is None or want is None:
+                continue
+            with np.errstate(invalid="ignore"):
+                diff = np.where(got == want, 0.0, np.abs(got - want))  # inf == inf: no difference
+            absolute[name] = float(np.max(diff, initial=0.0))
+            relative[name] = float(np.max(diff / (1.0 + np.abs(want)), initial=0.0))
+        return absolute, relative
+
     def rows(self, start: int, stop: int) -> "Scores":
         def cut(a):
             return None if a is None else a[start:stop]
@@ -149,20 +173,30 @@ def score(
     elbo_samples: int = ELBO_SAMPLES,
     iw_samples: int = 0,
     seed: int = SEED,
+    score_graph: ScoreGraph | None = None,
 ) -> Scores:
     """Score normalised rows x [rows, features].
 
     A conditional model gets one-hot `labels` [rows, classes], or `labels=None` and its `class_prior`
     to be scored label-free: log p(x) ~ log sum_y p(y) p(x|y), each p(x|y) through its own bound.
+    `score_graph` (iw_samples 0 only) scores the rows given their labels in place of the NumPy path.
     """
-    if class_prior is None or labels is not None:
+    if score_graph is not None and iw_samples:
+        raise ValueError("a score graph computes no importance-weighted bound; score with iw_samples 0")
+
+    def given(x, labels):
+        if score_graph is not None:
+            return score_graph(np.asarray(x, np.float32), labels)
         return _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples, seed)
+
+    if class_prior is None or labels is not None:
+        return given(x, labels)
 
     rows, classes = x.shape[0], len(class_prior)
     # Every row under every label in one pass: row r with class c sits at c * rows + r.
     tiled_x = np.tile(x, (classes, 1))
     tiled_y = np.repeat(np.eye(classes, dtype=np.float32), rows, axis=0)
-    each = _score_given(tiled_x, tiled_y, encode, decode, likelihood, elbo_samples, iw_samples, seed)
+    each = given(tiled_x, tiled_y)
     log_prior = np.log(np.asarray(class_prior, np.float64))[:, None]
 
     def by_class(a):
@@ -245,12 +279,16 @@ class Scorer:
        never NaN, and an anomaly detector that cannot vouch for a row calls it anomalous.
 
     A conditional model scores with one-hot `labels`, or without them label-free over `class_prior`.
+    With a `score_graph` (built for this model's likelihood, elbo_samples and seed), step 2 runs it in place of
+    the NumPy path wherever iw_samples is 0 (label-free: on the rows tiled over the classes).
     """
 
     def __init__(self, encode: Encode, decode: Decode, likelihood: str, normalizer: Normalizer,
                  support: Support | None = None, *, class_prior: np.ndarray | None = None,
-                 elbo_samples: int = ELBO_SAMPLES, seed: int = SEED, chunk_values: int = CHUNK_VALUES):  # fmt: skip
+                 elbo_samples: int = ELBO_SAMPLES, seed: int = SEED, chunk_values: int = CHUNK_VALUES,
+                 score_graph: ScoreGraph | None = None):  # fmt: skip
         decoder_outputs(likelihood)  # an unknown likelihood fails here, not at the first request
+        self.score_graph = score_graph
         self.encode, self.decode, self.likelihood = encode, decode, likelihood
         self.normalizer, self.support = normalizer, support
         self.class_prior = None if class_prior is None else np.asarray(class_prior, np.float64)
@@ -289,18 +327,25 @@ class Scorer:
         """support_penalty of raw distances outside the support, measured in normaliser units."""
         return support_penalty(distance / self.normalizer.scale)
 
-    def score(self, x: np.ndarray, labels: np.ndarray | None = None, iw_samples: int = 0) -> Scores:
-        """Scores of raw rows x [rows, features]; `labels` one-hot [rows, classes] or None."""
+    def uses_graph(self, iw_samples: int = 0) -> bool:
+        """Whether a Score with these options runs the score graph (otherwise the NumPy path)."""
+        return self.score_graph is not None and iw_samples == 0
+
+    def score(self, x: np.ndarray, labels: np.ndarray | None = None, iw_samples: int = 0, *,
+              reference: bool = False) -> Scores:  # fmt: skip
+        """Scores of raw rows x [rows, features]; `labels` one-hot [rows, classes] or None. `reference`:
+        on the NumPy path even where the score graph applies."""
         normalised, distance = self.prepare(x)
         rows = len(normalised)
         chunk = max(1, self.chunk_values // max(1, self.work(1, labels is not None, iw_samples)))
+        graph = self.score_graph if self.uses_graph(iw_samples) and not reference else None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             parts = [
                 score(normalised[start : start + chunk], self.encode, self.decode, self.likelihood,
                       labels=None if labels is None else labels[start : start + chunk], class_prior=self.class_prior,
-                      elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed)  # fmt: skip
+                      elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed, score_graph=graph)
                 for start in range(0, rows, chunk)
-            ]
+            ]  # fmt: skip
             return self._outside_and_fail_safe(Scores.concatenate(parts), distance)
 
     def _outside_and_fail_safe(self, s: Scores, distance: np.ndarray | None) -> Scores:

@@ -159,7 +159,7 @@ DAMAGES = {
     "cvae decoder without y": ("cvae", _drop_label_input, "graphs.decoder.inputs",
                                "are not this model's: expected z [-1, 4], y [-1, 10]"),  # fmt: skip
     "tensor dtype": ("vae", _set("graphs.encoder.inputs.0.dtype", "float16"), "graphs.encoder.inputs[0].dtype",
-                     "is 'float16'; expected one of float32"),  # fmt: skip
+                     "is 'float16'; expected one of float32, float64"),  # fmt: skip
     "class prior summing to 2": ("cvae", _prior_not_summing_to_one, "scoring.class_prior", "summing to 1"),
     "class prior with a 0": ("cvae", _prior_with_zero, "scoring.class_prior", "one finite probability > 0 per label"),
     "class prior of 9": ("cvae", _set("scoring.class_prior", [0.1] * 9), "scoring.class_prior", "has 9 items; expected 10"),
@@ -173,7 +173,7 @@ DAMAGES = {
     "parity tolerance negative": ("vae", _set("parity.tolerance", -1.0), "parity.tolerance", "must be finite and >= 0"),
     "version 0": ("vae", _set("version", 0), "version", "must be >= 1, got 0"),
     "name with a slash": ("vae", _set("name", "../escape"), "name", "'../escape' is not a valid value"),
-    "schema_version 99": ("vae", _set("schema_version", 99), "schema_version", "99 is not supported; this vaeserve reads 2"),
+    "schema_version 99": ("vae", _set("schema_version", 99), "schema_version", "99 is not supported; this vaeserve reads 2 and 3"),
 }
 
 

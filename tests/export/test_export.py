@@ -51,7 +51,7 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     version = load_version(model_repository / "cvae" / "1")
     m = json.loads((version.path / "manifest.json").read_text())
     checkpoint = load_checkpoint(make_checkpoint("cvae"))
-    assert m["schema_version"] == 2 and m["name"] == "cvae" and m["version"] == 1
+    assert m["schema_version"] == 3 and m["name"] == "cvae" and m["version"] == 1
     assert m["created"].endswith("+00:00")
     assert m["model"] == {"kind": "cvae", "arch": "mlp", "latent_dim": 4}
     assert m["input"] == {
@@ -68,11 +68,11 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     # The support is the raw range of every digits row; pixels share one range.
     support = Support.from_dict(m["support"], 64)
     assert np.array_equal(support.low, np.zeros(64)) and np.array_equal(support.high, np.full(64, 16.0))
-    for graph in ("encoder", "decoder"):
+    for graph in ("encoder", "decoder", "score"):
         assert m["graphs"][graph]["sha256"] == file_sha256(version.path / f"{graph}.onnx")
     assert m["source_checkpoint"]["sha256"] == checkpoint.sha256()
     assert set(m["producer"]) == {"vaeserve", "torch", "onnx", "onnxruntime"}
-    assert sorted(p.name for p in version.path.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert sorted(p.name for p in version.path.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json", "score.onnx"]
     assert load_version(model_repository / "vae" / "1").manifest.labels is None
 
 

@@ -136,8 +136,9 @@ def test_calls_above_the_concurrency_limit_are_resource_exhausted_at_once(model_
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     answered = [r for r in results if not isinstance(r, BaseException)]
     assert refused and answered and len(refused) + len(answered) == 8
-    assert {(r.code(), r.details()) for r in refused} == {
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "the server holds 2 calls, its max_concurrent_rpcs; retry later")
-    }
-    assert counted == len(refused)
+    # Ours, counted; and, for calls that arrive before a handler has run for the others, gRPC's own at 2x.
+    ours = "the server holds 2 calls, its max_concurrent_rpcs; retry later"
+    assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert {r.details() for r in refused} <= {ours, "Concurrent RPC limit exceeded!"}
+    assert counted == sum(r.details() == ours for r in refused)
     assert all(len(r.neg_elbo) == 256 and np.isfinite(r.neg_iw).all() for r in answered)

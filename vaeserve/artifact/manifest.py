@@ -21,9 +21,14 @@ from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.scoring import LIKELIHOODS, decoder_outputs
 
-SCHEMA_VERSION = 2  # 2: support, scoring section, class prior moved from labels to scoring
+# 2: support, scoring section, class prior moved from labels to scoring. 3: the optional score graph
+# (graphs.score) and its parity against the NumPy scorer (parity.score); float64 tensors. A version 2
+# manifest still reads: it has no score graph, and the service scores it with the NumPy scorer.
+SCHEMA_VERSION = 3
+READS = (2, 3)  # schema versions this vaeserve reads
 MANIFEST = "manifest.json"
 KINDS = ("vae", "cvae", "ppca")
+DTYPES = ("float32", "float64")
 SCORES = ("neg_elbo", "neg_iw")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_WIDTH = 1 << 24  # features or latent dimensions of a model: a 4096 x 4096 image; more is a corrupt manifest
@@ -37,13 +42,14 @@ class _Corrupt(Exception):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """A float32 tensor [batch, width] with a dynamic batch axis."""
+    """A tensor [batch, width] with a dynamic batch axis: float32, or float64 for the score graph's scores."""
 
     name: str
     width: int
+    dtype: str = "float32"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": [-1, self.width], "dtype": "float32"}
+        return {"name": self.name, "shape": [-1, self.width], "dtype": self.dtype}
 
 
 @dataclass(frozen=True)
@@ -59,15 +65,20 @@ class GraphInfo:
 
 
 def graph_contract(features: int, latent_dim: int, likelihood: str, classes: int = 0) -> dict[str, tuple]:
-    """{graph: (inputs, outputs)} every model version's two graphs have:
+    """{graph: (inputs, outputs)} of a model version's graphs: the encoder and decoder every version has,
+    and the score graph (vaeserve.export.graphs.build_score_graph) of versions exported since schema 3:
 
         encoder   x [N, features] (, y [N, classes])  ->  mu, logvar [N, latent_dim]
         decoder   z [N, latent_dim] (, y)             ->  scoring.decoder_outputs(likelihood), each [N, features]
+        score     x [N, features] (, y)               ->  neg_elbo, reconstruction, kl [N, 1],
+                                                          per_feature [N, features]; float64
     """
     label = (TensorInfo("y", classes),) if classes else ()
+    scores = tuple(TensorInfo(n, 1, "float64") for n in ("neg_elbo", "reconstruction", "kl"))
     return {
         "encoder": ((TensorInfo("x", features), *label), (TensorInfo("mu", latent_dim), TensorInfo("logvar", latent_dim))),
         "decoder": ((TensorInfo("z", latent_dim), *label), tuple(TensorInfo(n, features) for n in decoder_outputs(likelihood))),
+        "score": ((TensorInfo("x", features), *label), (*scores, TensorInfo("per_feature", features, "float64"))),
     }
 
 
@@ -113,10 +124,27 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class ScoreParity:
+    """The score graph against the NumPy scorer (vaeserve.scoring.score, float64) on the same encoder and
+    decoder graphs, over the held-out validation rows at each batch size."""
+
+    batch_sizes: tuple[int, ...]
+    rows: int  # held-out rows scored
+    tolerance: float  # relative: |graph - numpy| <= tolerance * (1 + |numpy|) for every value
+    max_abs_diff: dict[str, float]  # output -> max |graph - numpy|
+    max_rel_diff: dict[str, float]  # output -> max |graph - numpy| / (1 + |numpy|)
+
+    def to_dict(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes), "rows": self.rows, "tolerance": self.tolerance,
+                "max_abs_diff": dict(self.max_abs_diff), "max_rel_diff": dict(self.max_rel_diff)}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Parity:
     batch_sizes: tuple[int, ...]
     tolerance: float
     max_abs_diff: dict[str, float]  # "graph.output" -> max |ONNX Runtime - torch|
+    score: ScoreParity | None = None  # with the score graph
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,7 @@ class Manifest:
     parity: Parity
     source_checkpoint: dict[str, str]  # path, sha256
     thresholds: Thresholds
+    score: GraphInfo | None = None  # the score graph; None in versions exported before it (schema 2)
 
     @property
     def conditional(self) -> bool:
@@ -145,7 +174,8 @@ class Manifest:
 
     @property
     def graphs(self) -> dict[str, GraphInfo]:
-        return {"encoder": self.encoder, "decoder": self.decoder}
+        """Every graph of the version by name: encoder, decoder, and score where there is one."""
+        return {"encoder": self.encoder, "decoder": self.decoder} | ({} if self.score is None else {"score": self.score})
 
     def to_dict(self) -> dict:
         t = self.thresholds
@@ -167,7 +197,8 @@ class Manifest:
             "exporter": self.exporter,
             "producer": dict(self.producer),
             "parity": {"batch_sizes": list(self.parity.batch_sizes), "tolerance": self.parity.tolerance,
-                       "max_abs_diff": dict(self.parity.max_abs_diff)},  # fmt: skip
+                       "max_abs_diff": dict(self.parity.max_abs_diff)}
+                      | ({} if self.parity.score is None else {"score": self.parity.score.to_dict()}),  # fmt: skip
             "source_checkpoint": dict(self.source_checkpoint),
             "thresholds": {"score": t.score, "default": t.default, "target_false_positive_rate": t.target_false_positive_rate,
                            "quantiles": {s: dict(q) for s, q in t.quantiles.items()}, "calibration_rows": t.calibration_rows,
@@ -246,6 +277,10 @@ class _Object:
         value = self.get(key, (dict,), "an object", nullable)
         return None if value is None else _Object(value, self.key(key))
 
+    def optional_object(self, key: str) -> "_Object | None":
+        """An object that may be absent (a later schema's addition); None when it is."""
+        return self.object(key) if key in self.value else None
+
     def section(self, key: str, parse, *args):
         """A section read by a class's own from_dict (which raises ValueError naming its key)."""
         value = self.get(key, (dict,), "an object")
@@ -271,13 +306,14 @@ def _type(value) -> str:
 def _read(d) -> Manifest:
     top = _Object(d, "")
     version = top.get("schema_version", (int,), "an integer")
-    if version != SCHEMA_VERSION:
+    if version not in READS:
         hint = ""
         if version == 1:
             source = d.get("source_checkpoint") if isinstance(d.get("source_checkpoint"), dict) else {}
             hint = (f" (written by an older vaeserve, without the model's support); re-export it: "
                     f"vaeserve export {source.get('path', 'CHECKPOINT')} --repository REPOSITORY --name {d.get('name', 'NAME')}")  # fmt: skip
-        raise _Corrupt(f"schema_version {version!r} is not supported; this vaeserve reads {SCHEMA_VERSION}{hint}")
+        reads = " and ".join(str(v) for v in READS)
+        raise _Corrupt(f"schema_version {version!r} is not supported; this vaeserve reads {reads}{hint}")
 
     m = top.object("model")
     model = ModelInfo(m.string("kind", KINDS), m.string("arch"), m.integer("latent_dim", 1, MAX_WIDTH))
@@ -325,6 +361,8 @@ def _read(d) -> Manifest:
     g = top.object("graphs")
     contract = graph_contract(features, model.latent_dim, scoring.likelihood, classes)
     graphs = {name: _graph(g, name, *contract[name]) for name in ("encoder", "decoder")}
+    # Schema 2 has no score graph: there `graphs.score` is left unread and refused as an unknown key.
+    score_graph = _graph(g, "score", *contract["score"]) if version >= 3 and "score" in g.value else None
     g.done()
 
     t = top.object("thresholds")
@@ -340,8 +378,10 @@ def _read(d) -> Manifest:
 
     p = top.object("parity")
     parity = Parity(p.items("batch_sizes", int), p.number("tolerance", lambda v: v >= 0, "finite and >= 0"),
-                    p.mapping("max_abs_diff", lambda section, key: section.number(key, lambda v: v >= 0, "finite and >= 0")))  # fmt: skip
+                    p.mapping("max_abs_diff", _difference), _score_parity(p.optional_object("score")) if version >= 3 else None)  # fmt: skip
     p.done()
+    if (parity.score is None) != (score_graph is None):
+        raise _Corrupt("parity.score: a score graph comes with its parity, and parity.score with a score graph")
 
     manifest = Manifest(
         name=top.string("name", pattern=NAME_PATTERN), version=top.integer("version", 1), created=top.string("created"),
@@ -349,9 +389,28 @@ def _read(d) -> Manifest:
         encoder=graphs["encoder"], decoder=graphs["decoder"], opset=top.integer("opset", 1), exporter=top.string("exporter"),
         producer=top.mapping("producer", lambda section, key: section.string(key)), parity=parity,
         source_checkpoint=top.mapping("source_checkpoint", lambda section, key: section.string(key)), thresholds=thresholds,
+        score=score_graph,
     )  # fmt: skip
     top.done()
     return manifest
+
+
+def _difference(section: _Object, key: str) -> float:
+    return section.number(key, lambda v: v >= 0, "finite and >= 0")
+
+
+def _score_parity(p: _Object | None) -> ScoreParity | None:
+    if p is None:
+        return None
+    outputs = [t.name for t in graph_contract(1, 1, LIKELIHOODS[0])["score"][1]]
+    parity = ScoreParity(p.items("batch_sizes", int), p.integer("rows", 1),
+                         p.number("tolerance", lambda v: v >= 0, "finite and >= 0"),
+                         p.mapping("max_abs_diff", _difference), p.mapping("max_rel_diff", _difference))  # fmt: skip
+    p.done()
+    for key in ("max_abs_diff", "max_rel_diff"):
+        if sorted(getattr(parity, key)) != sorted(outputs):
+            raise _Corrupt(f"{p.key(key)} must name the score graph's outputs {', '.join(outputs)}")
+    return parity
 
 
 def _quantiles(section: _Object, score: str) -> dict[str, float]:
@@ -378,7 +437,7 @@ def _graph(graphs: _Object, name: str, inputs: tuple, outputs: tuple) -> GraphIn
     for side, want in (("inputs", inputs), ("outputs", outputs)):
         got = getattr(info, side)
         if got != want:
-            shown = ", ".join(f"{t.name} [-1, {t.width}]" for t in want)
+            shown = ", ".join(f"{t.name} [-1, {t.width}]{'' if t.dtype == 'float32' else ' ' + t.dtype}" for t in want)
             raise _Corrupt(f"{g.key(side)} are not this model's: expected {shown}")
     return info
 
@@ -389,11 +448,11 @@ def _tensors(graph: _Object, key: str) -> tuple[TensorInfo, ...]:
         t = _Object(item, f"{graph.key(key)}[{index}]")
         name = t.string("name")
         shape = t.items("shape", int, 2)
-        t.string("dtype", ("float32",))
+        dtype = t.string("dtype", DTYPES)
         t.done()
         if shape[0] != -1 or shape[1] < 1:
             raise _Corrupt(f"{t.key('shape')} must be [-1, width], got {list(shape)}")
-        tensors.append(TensorInfo(name, shape[1]))
+        tensors.append(TensorInfo(name, shape[1], dtype))
     return tuple(tensors)
 
 

@@ -1,4 +1,5 @@
-"""The model repository: `<root>/<name>/<version>/{encoder.onnx, decoder.onnx, manifest.json}`.
+"""The model repository: `<root>/<name>/<version>/{encoder.onnx, decoder.onnx, score.onnx, manifest.json}`
+(score.onnx in versions exported since manifest schema 3).
 
 No torch, no ONNX Runtime here. A version folder is a positive integer. It is complete when
 manifest.json exists (export writes it last); its files are valid when the manifest reads and checks
@@ -31,6 +32,11 @@ class ModelVersion:
     @property
     def decoder_path(self) -> Path:
         return self.path / self.manifest.decoder.file
+
+    @property
+    def score_path(self) -> Path | None:
+        """The score graph; None in a version exported without one."""
+        return None if self.manifest.score is None else self.path / self.manifest.score.file
 
 
 def load_version(path: str | Path) -> ModelVersion:

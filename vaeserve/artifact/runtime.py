@@ -7,7 +7,8 @@ then CPU. What a session was actually granted is `session.get_providers()`;
 
 A graph that ONNX Runtime cannot load, whose declared inputs and outputs (names, element type, rank,
 static widths) differ from the manifest, or that does not compute [rows, width] finite outputs for
-rows inside the model's support, raises ArtifactError naming the file: the version is not served.
+rows inside the model's support, raises ArtifactError naming the file: the version is not served. A
+score graph must also agree with the NumPy scorer on those rows, within the tolerance export held it to.
 """
 
 import glob
@@ -20,9 +21,10 @@ from vaeserve.artifact.manifest import GraphInfo, ScoringInfo
 from vaeserve.artifact.repository import ModelVersion
 from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
-from vaeserve.scoring import Decode, Encode, Scorer
+from vaeserve.scoring import Decode, Encode, Scorer, ScoreGraph, Scores
 
 CHECK_ROWS = 2  # rows of the load-time run: the support's low and high ends
+ELEMENT_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)"}  # manifest dtype -> ONNX Runtime's
 
 
 def wanted_providers() -> list[str]:
@@ -63,16 +65,16 @@ class Graph:
     def _check_declared(self) -> None:
         for side, declared, expected in (("inputs", self.session.get_inputs(), self.info.inputs),
                                          ("outputs", self.session.get_outputs(), self.info.outputs)):  # fmt: skip
-            want = {t.name: t.width for t in expected}
+            want, dtype = {t.name: t.width for t in expected}, {t.name: t.dtype for t in expected}
             if sorted(a.name for a in declared) != sorted(want):
                 raise ArtifactError(f"{self.path}: declares {side} {sorted(a.name for a in declared)}, "
                                     f"the manifest {sorted(want)}")  # fmt: skip
             for arg in declared:
                 shape = list(arg.shape)
                 static_width = len(shape) == 2 and isinstance(shape[1], int)
-                if arg.type != "tensor(float)" or len(shape) != 2 or isinstance(shape[0], int) and shape[0] != -1 \
+                if arg.type != ELEMENT_TYPES[dtype[arg.name]] or len(shape) != 2 or isinstance(shape[0], int) and shape[0] != -1 \
                         or static_width and shape[1] != want[arg.name]:  # fmt: skip
-                    raise ArtifactError(f"{self.path}: {arg.name} is {arg.type} {shape}; the manifest says float32 "
+                    raise ArtifactError(f"{self.path}: {arg.name} is {arg.type} {shape}; the manifest says {dtype[arg.name]} "
                                         f"[batch, {want[arg.name]}]")  # fmt: skip
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,36 +113,66 @@ def callables(encoder: Graph, decoder: Graph) -> tuple[Encode, Decode]:
     return encode, decode
 
 
-def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: Support, info: ScoringInfo) -> Scorer:
-    """The Scorer of two graphs with a manifest's scoring settings."""
+def score_callable(graph: Graph) -> ScoreGraph:
+    """score(x, y) -> Scores of a score graph, in the form Scorer takes; y is None for an unconditional model."""
+
+    def score(x, y):
+        out = graph.run({"x": x, "y": y})
+        return Scores(out["neg_elbo"].reshape(-1), out["reconstruction"].reshape(-1), out["kl"].reshape(-1), None,
+                      out["per_feature"])  # fmt: skip
+
+    return score
+
+
+def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: Support, info: ScoringInfo,
+           score_graph: Graph | None = None) -> Scorer:  # fmt: skip
+    """The Scorer of the graphs with a manifest's scoring settings; with the score graph where there is one."""
     prior = None if info.class_prior is None else np.asarray(info.class_prior, np.float64)
     return Scorer(*callables(encoder, decoder), info.likelihood, normalization, support, class_prior=prior,
-                  elbo_samples=info.elbo_samples, seed=info.seed)  # fmt: skip
+                  elbo_samples=info.elbo_samples, seed=info.seed,
+                  score_graph=None if score_graph is None else score_callable(score_graph))  # fmt: skip
 
 
 class Model:
-    """A model version ready for inference: its graphs open and checked, its Scorer."""
+    """A model version ready for inference: its graphs open and checked, its Scorer (on the score graph
+    where the version has one; versions exported before it score in NumPy)."""
 
     def __init__(self, version: ModelVersion, intra_op_threads: int = 1):
         m = version.manifest
         self.version, self.manifest = version, m
         self.encoder = Graph(version.encoder_path, m.encoder, intra_op_threads)
         self.decoder = Graph(version.decoder_path, m.decoder, intra_op_threads)
+        self.score_graph = None if m.score is None else Graph(version.score_path, m.score, intra_op_threads)
         self.encode, self.decode = callables(self.encoder, self.decoder)
-        self.scorer = scorer(self.encoder, self.decoder, m.normalization, m.support, m.scoring)
+        self.scorer = scorer(self.encoder, self.decoder, m.normalization, m.support, m.scoring, self.score_graph)
         self.check(CHECK_ROWS)
 
     def check(self, rows: int) -> None:
-        """Run `rows` rows through both graphs and check what they compute (ArtifactError naming the file):
+        """Run `rows` rows through the graphs and check what they compute (ArtifactError naming the file):
         the support's two ends, alternating, through the encoder, their posterior means through the
-        decoder. Run again with more rows, it is the service's warm-up."""
+        decoder; through the score graph (a chunk of them at most), their scores, where the two ends' must
+        agree with the NumPy scorer's. Run again with more rows, it is the service's warm-up."""
         if rows < 1:
             return
         m = self.manifest
-        x = self.scorer.prepare(np.stack([m.support.low, m.support.high])[np.arange(rows) % 2])[0]
+        raw = np.stack([m.support.low, m.support.high])[np.arange(rows) % 2]
+        x = self.scorer.prepare(raw)[0]
         y = np.eye(len(m.labels), dtype=np.float32)[np.arange(rows) % len(m.labels)] if m.conditional else None
         mu = self.encoder.check_run({"x": x, "y": y})["mu"]
         self.decoder.check_run({"z": mu, "y": y})
+        if self.score_graph is not None:
+            # The Scorer hands the graph one chunk at most, so one chunk warms it up; the NumPy reference it is
+            # compared with runs on the support's two ends only (a warm-up of 300k rows would take minutes).
+            chunk = max(1, self.scorer.chunk_values // self.scorer.work(1, labelled=True))
+            self.score_graph.check_run({"x": x[:chunk], "y": None if y is None else y[:chunk]})
+            ends, failed = raw[:CHECK_ROWS], {}
+            for labels in (y[:CHECK_ROWS], None) if m.conditional else (None,):  # a CVAE's with labels and label-free
+                _, relative = self.scorer.score(ends, labels).differences(self.scorer.score(ends, labels, reference=True))
+                failed |= {name: diff for name, diff in relative.items() if not diff <= m.parity.score.tolerance}
+            if failed:
+                listed = ", ".join(f"{name} {diff:.3g}" for name, diff in failed.items())
+                raise ArtifactError(f"{self.score_graph.path}: disagrees with the NumPy scorer beyond relative tolerance "
+                                    f"{m.parity.score.tolerance:g} ({listed}); export it again")  # fmt: skip
 
 
 def _first_line(err: Exception) -> str:
