@@ -24,21 +24,6 @@ def manifests(model_repository):
     return {name: json.loads((model_repository / name / "1" / MANIFEST).read_text()) for name in MODELS}
 
 
-@pytest.fixture
-def version(model_repository, tmp_path):
-    """A private copy of vae version 1, inside tmp_path/models/vae/1."""
-    folder = tmp_path / "models" / "vae" / "1"
-    shutil.copytree(model_repository / "vae" / "1", folder)
-    return folder
-
-
-def rewrite(folder, change):
-    """Apply `change` to folder's manifest dict and write it back (NaN and Infinity as JSON literals)."""
-    path = folder / MANIFEST
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest, indent=2))
-    return manifest
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -205,7 +190,7 @@ def test_not_an_object_is_refused():
         Manifest.from_dict([])
 
 
-def test_read_manifest_names_the_file_and_the_key(version):
+def test_read_manifest_names_the_file_and_the_key(version, rewrite):
     rewrite(version, _set("scoring.likelihood", "poisson"))
     with pytest.raises(ArtifactError) as failure:
         read_manifest(version)
@@ -215,7 +200,7 @@ def test_read_manifest_names_the_file_and_the_key(version):
 @pytest.mark.parametrize("literal, value", [("NaN", math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf)])
 @pytest.mark.parametrize("key, reason", [("thresholds.default", "thresholds.default must be finite, got "),
                                          ("normalization.scale.5", "normalization.scale: every value must be finite")])
-def test_non_finite_json_literals_are_refused_naming_the_key(version, literal, value, key, reason):
+def test_non_finite_json_literals_are_refused_naming_the_key(version, literal, value, key, reason, rewrite):
     rewrite(version, _set(key, value))
     assert literal in (version / MANIFEST).read_text()  # as Python's json writes it
     with pytest.raises(ArtifactError) as failure:
@@ -232,7 +217,7 @@ def test_number_overflowing_to_infinity_is_refused(version):
     assert str(failure.value) == f"{path}: corrupt manifest: thresholds.default must be finite, got inf"
 
 
-def test_graph_file_as_an_absolute_path_is_refused(version, model_repository):
+def test_graph_file_as_an_absolute_path_is_refused(version, model_repository, rewrite):
     elsewhere = str(model_repository / "vae" / "1" / "encoder.onnx")  # the same graph, same sha256
     rewrite(version, _set("graphs.encoder.file", elsewhere))
     with pytest.raises(ArtifactError) as failure:
@@ -242,7 +227,7 @@ def test_graph_file_as_an_absolute_path_is_refused(version, model_repository):
     assert message.endswith("must be a file name inside the version folder")
 
 
-def test_graph_file_in_the_parent_folder_is_refused(version):
+def test_graph_file_in_the_parent_folder_is_refused(version, rewrite):
     shutil.copy(version / "encoder.onnx", version.parent / "x.onnx")  # a real graph with the listed sha256
     rewrite(version, _set("graphs.encoder.file", "../x.onnx"))
     with pytest.raises(ArtifactError) as failure:

@@ -4,7 +4,6 @@ outside the support; its manifest entry and parity round-trip; a version without
 in NumPy; an altered or mismatched score graph is refused; export fails when the graph misses its tolerance."""
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -133,18 +132,6 @@ def test_manifest_records_the_score_graph_and_its_parity(model_repository, name)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(eps)[0], expected.astype(np.float32))
 
 
-@pytest.fixture
-def vae_copy(model_repository, tmp_path):
-    folder = tmp_path / "models" / "vae" / "1"
-    shutil.copytree(model_repository / "vae" / "1", folder)
-    return folder
-
-
-def rewrite(folder, change):
-    path = folder / MANIFEST
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest, indent=2))
 
 
 def as_schema_2(m):
@@ -152,10 +139,10 @@ def as_schema_2(m):
     del m["graphs"]["score"], m["parity"]["score"]
 
 
-def test_a_version_without_a_score_graph_loads_and_scores_in_numpy(vae_copy, held_out, models):
-    rewrite(vae_copy, as_schema_2)
-    (vae_copy / "score.onnx").unlink()
-    model = Model(load_version(vae_copy))
+def test_a_version_without_a_score_graph_loads_and_scores_in_numpy(version, held_out, models, rewrite):
+    rewrite(version, as_schema_2)
+    (version / "score.onnx").unlink()
+    model = Model(load_version(version))
     assert model.manifest.score is None and model.score_graph is None and model.scorer.score_graph is None
     assert not model.scorer.uses_graph()
     x, _ = rows_of(held_out, "vae", 7)
@@ -174,29 +161,29 @@ def test_a_version_without_a_score_graph_loads_and_scores_in_numpy(vae_copy, hel
          r"parity\.score\.max_rel_diff must name the score graph's outputs"),
     ],
 )
-def test_a_manifest_that_misdescribes_the_score_graph_is_refused(vae_copy, change, message):
-    rewrite(vae_copy, change)
+def test_a_manifest_that_misdescribes_the_score_graph_is_refused(version, change, message, rewrite):
+    rewrite(version, change)
     with pytest.raises(ArtifactError, match=message):
-        load_version(vae_copy)
+        load_version(version)
 
 
-def test_an_altered_score_graph_is_refused(vae_copy):
-    path = vae_copy / "score.onnx"
+def test_an_altered_score_graph_is_refused(version):
+    path = version / "score.onnx"
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ArtifactError, match=r"score\.onnx: sha256 .* the graph was altered"):
-        load_version(vae_copy)
+        load_version(version)
 
 
-def test_a_score_graph_built_with_other_noise_is_refused_at_load(vae_copy, make_checkpoint):
+def test_a_score_graph_built_with_other_noise_is_refused_at_load(version, make_checkpoint, rewrite):
     """Its sha256 in the manifest, so only running it against the NumPy scorer can tell."""
-    m = read_manifest(vae_copy)
+    m = read_manifest(version)
     spec = describe_score(load_checkpoint(make_checkpoint("vae")).model_config)
-    graph = build_score_graph(onnx.load(str(vae_copy / "encoder.onnx")), onnx.load(str(vae_copy / "decoder.onnx")),
+    graph = build_score_graph(onnx.load(str(version / "encoder.onnx")), onnx.load(str(version / "decoder.onnx")),
                               spec, m.scoring.likelihood, m.model.latent_dim, m.scoring.elbo_samples, seed=1)  # fmt: skip
-    onnx.save(graph, str(vae_copy / "score.onnx"))
-    rewrite(vae_copy, lambda d: d["graphs"]["score"].update(sha256=file_sha256(vae_copy / "score.onnx")))
+    onnx.save(graph, str(version / "score.onnx"))
+    rewrite(version, lambda d: d["graphs"]["score"].update(sha256=file_sha256(version / "score.onnx")))
     with pytest.raises(ArtifactError, match=r"score\.onnx: disagrees with the NumPy scorer beyond relative tolerance 1e-05 \(neg_elbo "):
-        Model(load_version(vae_copy))
+        Model(load_version(version))
 
 
 def test_export_fails_when_the_score_graph_misses_its_tolerance(make_checkpoint, tmp_path):
