@@ -107,7 +107,7 @@ def run(args) -> int:
         oversize = [("Score", big.SerializeToString())]
         abandoned = [(method, data) for method, data in largest if method == "Score"]
         phases = [("oversize", oversize, 600, "RESOURCE_EXHAUSTED"), ("burst", largest, 600, "OK"),
-                  ("abandoned", abandoned, 0.3, "DEADLINE_EXCEEDED")]  # VmHWM only grows: smaller peak first
+                  ("abandoned", abandoned, 0.3, "DEADLINE_EXCEEDED RESOURCE_EXHAUSTED")]  # VmHWM only grows: smaller peak first
         for phase, requests, timeout, want in phases:
             started = time.monotonic()
             codes = asyncio.run(_burst(server.target, requests, args.burst, timeout))
@@ -119,7 +119,8 @@ def run(args) -> int:
                   f"{', '.join(f'{m} {c} {n}' for (m, c), n in sorted(codes.items()))}")  # fmt: skip
             print(f"  peak RSS {peak / MiB:.0f} MiB; {args.pause:g} s after the last batch {after / MiB:.0f} MiB "
                   f"({after / idle:.2f}x the idle before the burst)")  # fmt: skip
-            ok &= all(code == want for _, code in codes) and peak < 2048 * MiB and after < 2 * idle
+            # Abandoned: expired in the queue, or refused at once as the queue would not reach them in time.
+            ok &= all(code in want.split() for _, code in codes) and peak < 2048 * MiB and after < 2 * idle
     finally:
         server.stop()
     print("peak under 2 GiB, idle within 2x, every answer as expected" if ok else "FAILED: see above")

@@ -216,6 +216,7 @@ class Server:
 
 async def _serve_worker(settings: Settings, stop_signals=(signal.SIGTERM, signal.SIGINT)) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while models load: a SIGHUP then must not end the process
+    memory.configure_allocator()  # before the first batch: see service/memory.py
     server = Server(settings)
     loop = asyncio.get_running_loop()
     for sig in stop_signals:
