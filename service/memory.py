@@ -23,8 +23,8 @@ import ctypes.util
 IDLE_SECONDS = 1.0
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD = 2**30
+MMAP_THRESHOLD = 32 * 2**20  # a batch's temporaries (a few MiB each) come from the heap, and are reused
+TRIM_THRESHOLD = 2**30  # free() does not trim heap tops; the idle malloc_trim does
 
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -39,13 +39,13 @@ _held = False  # a large batch ran since the last trim
 _timer: asyncio.TimerHandle | None = None
 
 
-def configure_allocator() -> bool:
+def configure_allocator() -> None:
     """Keep glibc from returning each batch's freed temporaries to the kernel between batches: a fixed
     mmap threshold (so MB-sized NumPy arrays come from the heap and are reused) and a high trim
-    threshold; the idle trim below still hands the memory back once a burst is over. False without glibc."""
-    if _mallopt is None:
-        return False
-    return bool(_mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    threshold; the idle trim below still hands the memory back once a burst is over."""
+    if _mallopt is not None:
+        _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def trim() -> None:

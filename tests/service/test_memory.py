@@ -74,11 +74,3 @@ def test_no_trim_while_an_rpc_is_in_flight(trims):
 
     run(scenario)
 
-
-def test_glibc_takes_the_allocator_thresholds():
-    """mallopt answers 0 to a value it refuses (an mmap threshold above HEAP_MAX_SIZE / 2, say): both are taken."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not glibc: configure_allocator does nothing")
-    assert memory.configure_allocator() is True
