@@ -97,8 +97,14 @@ class ServedModel:
 
     def info_labels(self) -> list[tuple[str, str, str, str]]:
         """metrics.MODEL_INFO's labels of this version's graphs."""
-        graphs = (("encoder", self.encoder), ("decoder", self.decoder))
-        return [(self.name, str(self.version), name, graph.providers[0]) for name, graph in graphs]
+        return [(self.name, str(self.version), name, graph.providers[0]) for name, graph in self.graphs().items()]
+
+    def graphs(self) -> dict:
+        """This version's ONNX Runtime graphs by name: encoder, decoder, and score when it has one."""
+        graphs = {"encoder": self.encoder, "decoder": self.decoder}
+        if self.artifact.score_graph is not None:
+            graphs["score"] = self.artifact.score_graph
+        return graphs
 
     def start(self) -> None:
         for batcher in self.batchers.values():

@@ -118,7 +118,7 @@ def metadata(model: ServedModel) -> pb.ModelMetadata:
     m = model.manifest
     t, scoring = m.thresholds, m.scoring
     graphs = {}
-    for name, graph in (("encoder", model.encoder), ("decoder", model.decoder)):
+    for name, graph in model.graphs().items():
         entry = m.graphs[name]
         graphs[name] = pb.GraphInfo(
             file=entry.file, sha256=entry.sha256, inputs=graph.inputs, outputs=graph.outputs, providers=graph.providers,
@@ -142,6 +142,7 @@ def metadata(model: ServedModel) -> pb.ModelMetadata:
             elbo_samples=scoring.elbo_samples, iw_samples=scoring.iw_samples, seed=scoring.seed,
         ),  # fmt: skip
         encoder=graphs["encoder"],
+        score=graphs.get("score"),
         decoder=graphs["decoder"],
         opset=m.opset,
         manifest_json=json.dumps(m.to_dict()),

@@ -69,7 +69,8 @@ def test_metrics_count_requests(server, client, rows):
     assert count("Embed", "cvae") == before["Embed"] + 1
     assert count("Score", "cvae", "INVALID_ARGUMENT") == bad_before + 1
     metrics = server.metrics()
-    assert metrics[("vaeserve_model_info", (("graph", "encoder"), ("model", "cvae"), ("provider", "CPUExecutionProvider"), ("version", "1")))] == 1
+    for graph in ("encoder", "decoder", "score"):
+        assert metrics[("vaeserve_model_info", (("graph", graph), ("model", "cvae"), ("provider", "CPUExecutionProvider"), ("version", "1")))] == 1
     assert metrics[("vaeserve_request_latency_seconds_count", (("method", "Score"), ("model", "cvae")))] >= 4
     assert ("process_cpu_seconds_total", ()) in metrics
 

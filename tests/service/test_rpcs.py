@@ -48,6 +48,8 @@ def test_list_and_get_model(client, references):
         assert meta.latent_dim == ref.manifest.model.latent_dim and meta.features == 64
         assert list(meta.encoder.providers) == ref.encoder.providers
         assert meta.encoder.sha256 == ref.manifest.encoder.sha256
+        assert meta.HasField("score") and meta.score.sha256 == ref.manifest.score.sha256  # exported with its score graph
+        assert list(meta.score.providers) == ref.model.score_graph.providers and "neg_elbo" in meta.score.outputs
         assert meta.thresholds.default == pytest.approx(ref.manifest.thresholds.default)
         assert list(meta.labels) == (ref.labels if name == "cvae" else [])
         np.testing.assert_array_equal(meta.support.low, ref.manifest.support.low)

@@ -249,7 +249,7 @@ class Support(_message.Message):
     def __init__(self, low: _Optional[_Iterable[float]] = ..., high: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "kind", "arch", "latent_dim", "likelihood", "features", "feature_names", "image_shape", "labels", "class_prior", "normalization", "thresholds", "encoder", "decoder", "opset", "manifest_json", "support")
+    __slots__ = ("name", "version", "kind", "arch", "latent_dim", "likelihood", "features", "feature_names", "image_shape", "labels", "class_prior", "normalization", "thresholds", "encoder", "decoder", "opset", "manifest_json", "support", "score")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,7 @@ class ModelMetadata(_message.Message):
     OPSET_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: str
@@ -286,4 +287,5 @@ class ModelMetadata(_message.Message):
     opset: int
     manifest_json: str
     support: Support
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., arch: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., class_prior: _Optional[_Iterable[float]] = ..., normalization: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., encoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., decoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ..., support: _Optional[_Union[Support, _Mapping]] = ...) -> None: ...
+    score: GraphInfo
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., arch: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., class_prior: _Optional[_Iterable[float]] = ..., normalization: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., encoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., decoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ..., support: _Optional[_Union[Support, _Mapping]] = ..., score: _Optional[_Union[GraphInfo, _Mapping]] = ...) -> None: ...
