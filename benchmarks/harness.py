@@ -97,7 +97,12 @@ class ServerProcess:
         """SIGTERM, as Kubernetes and `docker stop` send it; the exit status after the drain."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:  # never leave a server behind: kill it, and say it did not stop
+            self.process.kill()
+            self.process.wait()
+            raise
 
 
 def start_server(repository: Path, *, log: Path | None = None, entry_point: bool = False, **settings) -> ServerProcess:

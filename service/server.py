@@ -51,6 +51,7 @@ DRAIN_POLL_SECONDS = 0.01
 HEALTH_CONCURRENT_RPCS = 64  # the health port answers probes, not traffic
 DRAIN_QUIET_SECONDS = 0.25  # the drain ends once no call has come in for this long, with none in flight,
 DRAIN_REFUSING_SECONDS = 1.0  # or once this long has passed since accepting stopped (or at drain_seconds)
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 STOP_GRACE_SECONDS = 0.5  # for a call taken in at the very end; then streams are cancelled
 
 
@@ -72,6 +73,8 @@ class Server:
         # Certificates and tokens first: a bad file is one line at once, not after minutes of loading models.
         self._certificates = security.certificates(settings)
         interceptors = security.interceptors(settings)
+        if interceptors and self._certificates is None and settings.host not in LOOPBACK:
+            log.warning("auth_tokens_file without TLS on %s: bearer tokens cross the network in plaintext", settings.host)
         self.opened = open_models(settings)
         self.servicer = InferenceServicer()
         status.limit_in_flight(settings.concurrent_rpcs)

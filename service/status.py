@@ -30,7 +30,7 @@ STATUS = {
     RequestExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
-REJECTED = {QueueFull: "overloaded", RequestExpired: "expired"}  # errors answered before any compute
+REJECTED_REASONS = {QueueFull: "overloaded", RequestExpired: "expired"}  # errors answered before any compute
 for _reason in ("overloaded", "expired", "draining"):  # exported at 0 from the start, for rate() and dashboards
     metrics.REJECTED.labels(_reason)
 DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
@@ -98,7 +98,7 @@ def rpc(method):
             return await method(self, request, context)
         except VaeserveError as err:
             code = status_of(err)
-            reason = REJECTED.get(type(err))
+            reason = REJECTED_REASONS.get(type(err))
             if reason is not None:
                 rejected(reason).inc()
             await context.abort(code, str(err))

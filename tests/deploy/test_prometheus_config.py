@@ -51,7 +51,7 @@ def test_alerts_cover_errors_latency_queue_readiness_and_loads():
     # vaeserve_rejected_total{reason="overloaded"} counts the RESOURCE_EXHAUSTED answers of full queues,
     # which vaeserve_requests_total counts too, by model: this alert covers them, no second one needed.
     assert 'code="RESOURCE_EXHAUSTED"' in rules["VaeserveQueueRejecting"]["expr"]
-    overloaded = [kind for kind, reason in status.REJECTED.items() if reason == "overloaded"]
+    overloaded = [kind for kind, reason in status.REJECTED_REASONS.items() if reason == "overloaded"]
     assert overloaded and all(status.STATUS[kind] == grpc.StatusCode.RESOURCE_EXHAUSTED for kind in overloaded)
     failed_loads = 'vaeserve_model_loads_total{job="vaeserve", result="failed"}'
     assert f"increase({failed_loads}[10m])" in rules["VaeserveModelLoadFailed"]["expr"]

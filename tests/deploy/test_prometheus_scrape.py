@@ -160,7 +160,7 @@ def test_prometheus_counts_every_request(prometheus, sent):
 def test_model_info_names_every_served_graph(prometheus, sent):
     series = prometheus.query('vaeserve_model_info{job="vaeserve"}')
     graphs = {(s["metric"]["model"], s["metric"]["version"], s["metric"]["graph"]) for s in series}
-    assert graphs == {(m, "1", g) for m in ("vae", "cvae", "ppca") for g in ("encoder", "decoder")}
+    assert graphs == {(m, "1", g) for m in ("vae", "cvae", "ppca") for g in ("encoder", "decoder", "score")}
     assert {s["metric"]["provider"] for s in series} <= {"CPUExecutionProvider", "CUDAExecutionProvider"}
 
 
