@@ -94,7 +94,7 @@ def served_scores(version, x_raw: np.ndarray):
     return Model(version).scorer.score(x_raw, None, version.manifest.scoring.iw_samples)
 
 
-def run_one(path: str, seed: int, max_train_rows: int, train_options: dict) -> dict:
+def run_one(path: str, seed: int, max_train_rows: int, train_options: dict, export_options: dict) -> dict:
     """One dataset and seed: result rows for every method, and the threshold check."""
     import torch
 
@@ -125,7 +125,7 @@ def run_one(path: str, seed: int, max_train_rows: int, train_options: dict) -> d
         config = TrainConfig.from_dict(dict(train_options, data=str(tmp / f"{name}.npz"), seed=seed,
                                             device="cpu", plots=False, eval_samples=0))  # fmt: skip
         result = train(config, tmp / "checkpoint")
-        version = export_checkpoint(tmp / "checkpoint", tmp / "models", "bench", 1)
+        version = export_checkpoint(tmp / "checkpoint", tmp / "models", "bench", 1, **export_options)
         scores = served_scores(version, x_test)
         thresholds = version.manifest.thresholds
     seconds = time.perf_counter() - started
@@ -159,17 +159,22 @@ def run(args) -> int:
 
     if args.seeds < 1 or args.jobs < 1:
         raise ConfigError("--seeds and --jobs must be at least 1")
-    options = {}
-    for item in args.train_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--train-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
+    def parsed(items: list[str], flag: str) -> dict:
+        options = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+            try:
+                options[key.replace("-", "_")] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.replace("-", "_")] = value
+        return options
+
     paths = resolve_datasets(args.datasets, args.adbench)
-    summary = run_bench(paths, args.seeds, args.out, args.jobs, args.max_train_rows or MAX_TRAIN_ROWS, options)
+    summary = run_bench(paths, args.seeds, args.out, args.jobs, args.max_train_rows or MAX_TRAIN_ROWS,
+                        parsed(args.train_option, "--train-option"),
+                        export_options=parsed(args.export_option, "--export-option"))  # fmt: skip
     print((args.out / "results.md").read_text())
     for m in summary["methods"]:
         print(f"{m:<24} mean AUROC {100 * summary['overall'][m]['auroc']:.2f}  AUPRC {100 * summary['overall'][m]['auprc']:.2f}")
@@ -198,7 +203,7 @@ def resolve_datasets(datasets: str | None, folder: str | None) -> list[Path]:
 
 
 def run_bench(paths: list[Path], seeds: int, out: Path, jobs: int = 1, max_train_rows: int = MAX_TRAIN_ROWS,
-              train_options: dict | None = None, progress: bool = True) -> dict:  # fmt: skip
+              train_options: dict | None = None, progress: bool = True, export_options: dict | None = None) -> dict:  # fmt: skip
     """Run every dataset x seed (in `jobs` processes), write results.csv, thresholds.csv, results.md
     and auroc.png into `out`; return the summary."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -208,7 +213,7 @@ def run_bench(paths: list[Path], seeds: int, out: Path, jobs: int = 1, max_train
 
     out.mkdir(parents=True, exist_ok=True)
     train_options = dict(train_options or {})
-    tasks = [(str(p), s, max_train_rows, train_options) for p in paths for s in range(seeds)]
+    tasks = [(str(p), s, max_train_rows, train_options, dict(export_options or {})) for p in paths for s in range(seeds)]
     started = time.perf_counter()
     results = []
     bar = tqdm(total=len(tasks), desc="dataset x seed", unit="run", disable=not progress, dynamic_ncols=True)

@@ -44,6 +44,8 @@ def register(subparsers) -> None:
                          help="vaeserve trains on at most this many rows, subsampled (default 4000)")
     anomaly.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                          help="a `vaeserve train` setting for every dataset (experiments; the benchmark uses the defaults)")
+    anomaly.add_argument("--export-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="an export_checkpoint option for every dataset, e.g. elbo_samples=1 (experiments)")
 
     extremes = command("extremes", "extremes", "rows with one feature far outside the training range: flagged, never NaN?")
     extremes.add_argument("--model", help="comma-separated models (default: every model in the repository)")

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="model name (default: the checkpoint folder's name)")
     p.add_argument("--version", type=int, help="version number (default: one above the highest existing)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX Runtime - torch| allowed (default: 1e-4)")
+    p.add_argument("--elbo-samples", type=int, default=None,
+                   help="posterior samples of the ELBO the version scores with (default: the scorer's, 8)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default: torchscript, the faster; both give parity ~2e-7)")
     p.set_defaults(func=run)
@@ -29,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from vaeserve.export.exporter import export_checkpoint
 
     name = args.name or Path(args.checkpoint).resolve().name
+    options = {} if args.elbo_samples is None else {"elbo_samples": args.elbo_samples}
     version = export_checkpoint(args.checkpoint, args.repository, name, args.version,
-                                tolerance=args.tolerance, exporter=args.exporter)
+                                tolerance=args.tolerance, exporter=args.exporter, **options)
     worst = max(version.manifest.parity.max_abs_diff.values())
     score = max(version.manifest.parity.score.max_rel_diff.values())
     thresholds = version.manifest.thresholds

@@ -47,16 +47,20 @@ def export_checkpoint(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     exporter: str = "torchscript",
     score_tolerance: float = SCORE_TOLERANCE,
+    elbo_samples: int = scoring.ELBO_SAMPLES,
 ) -> ModelVersion:
     """Export a checkpoint as `repository/name/version`; the next free version when none is given.
     `tolerance`: max abs difference of the encoder and decoder from torch; `score_tolerance`: relative
-    difference of the score graph from the NumPy scorer (validate.score_parity)."""
+    difference of the score graph from the NumPy scorer (validate.score_parity); `elbo_samples`: posterior
+    samples of the ELBO this version scores with (recorded in the manifest, baked into the score graph)."""
     started = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
     if version is not None and version < 1:
         raise ConfigError(f"--version must be a positive integer, got {version}")
+    if elbo_samples < 1:
+        raise ConfigError(f"--elbo-samples must be at least 1, got {elbo_samples}")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = version or next_version(model_dir)
@@ -66,7 +70,7 @@ def export_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
-        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter, score_tolerance))
+        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter, score_tolerance, elbo_samples))
         try:
             os.rename(tmp, final)  # fails when another export took this number meanwhile
         except OSError as err:
@@ -79,7 +83,7 @@ def export_checkpoint(
 
 
 def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, batch_sizes, exporter,
-           score_tolerance) -> Manifest:  # fmt: skip
+           score_tolerance, elbo_samples) -> Manifest:  # fmt: skip
     config, data, model = ckpt.model_config, ckpt.data, ckpt.model
     model.eval()
     if data.support is None:
@@ -102,7 +106,7 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         diffs |= max_abs_diff(modules[spec.name], graphs[spec.name], spec, [b[i] for b in batches])
     check_parity(diffs, tolerance)
 
-    scoring_info = ScoringInfo(config.likelihood, scoring.ELBO_SAMPLES, scoring.IW_SAMPLES, scoring.SEED,
+    scoring_info = ScoringInfo(config.likelihood, elbo_samples, scoring.IW_SAMPLES, scoring.SEED,
                                tuple(class_prior) if config.conditional else None)  # fmt: skip
     # The score graph: encoder and decoder as exported, with this version's scoring settings baked in.
     score_spec = describe_score(config)
