@@ -1,7 +1,7 @@
 """The score graph (score.onnx): the Scorer on it agrees with the NumPy reference for a Bernoulli VAE, a
 Gaussian PPCA and a CVAE given labels or label-free, at every batch size and across chunks, inside and
 outside the support; its manifest entry and parity round-trip; a version without one (schema 2) still loads and scores
-in NumPy; an altered or mismatched score graph is refused; export fails when the graph misses its tolerance."""
+in NumPy; an altered or mismatched score graph is refused; a graph that misses its tolerance is left out at export."""
 
 import json
 
@@ -13,7 +13,7 @@ from vaeserve import scoring
 from vaeserve.artifact.manifest import MANIFEST, file_sha256, read_manifest
 from vaeserve.artifact.repository import load_version
 from vaeserve.artifact.runtime import Model
-from vaeserve.errors import ArtifactError, ExportError
+from vaeserve.errors import ArtifactError
 from vaeserve.export.exporter import export_checkpoint
 from vaeserve.export.graphs import build_score_graph, describe_score
 from vaeserve.training.checkpoint import load_checkpoint
@@ -186,10 +186,14 @@ def test_a_score_graph_built_with_other_noise_is_refused_at_load(version, make_c
         Model(load_version(version))
 
 
-def test_export_fails_when_the_score_graph_misses_its_tolerance(make_checkpoint, tmp_path):
-    with pytest.raises(ExportError) as failure:
-        export_checkpoint(make_checkpoint("vae"), tmp_path, "m", score_tolerance=0.0)
-    message = str(failure.value)
-    assert message.startswith("the score graph disagrees with the NumPy scorer beyond relative tolerance 0: ")
-    assert "score.neg_elbo max abs diff " in message
-    assert list((tmp_path / "m").iterdir()) == []  # nothing left behind
+def test_a_score_graph_that_misses_its_tolerance_is_left_out_and_the_version_scores_in_numpy(make_checkpoint, tmp_path,
+                                                                                               caplog, held_out):  # fmt: skip
+    with caplog.at_level("WARNING", logger="vaeserve.export.exporter"):
+        version = export_checkpoint(make_checkpoint("vae"), tmp_path, "m", score_tolerance=0.0)
+    assert "the score graph disagrees with the NumPy scorer beyond relative tolerance 0: " in caplog.text
+    assert "score.neg_elbo max abs diff " in caplog.text and "scores on the NumPy path" in caplog.text
+    assert version.manifest.score is None and version.manifest.parity.score is None
+    assert not (version.path / "score.onnx").exists()
+    model = Model(version)
+    assert model.score_graph is None and not model.scorer.uses_graph()
+    assert np.isfinite(model.scorer.score(held_out["vae"][0][:8]).neg_elbo).all()
