@@ -171,10 +171,18 @@ def run(args) -> int:
                 options[key.replace("-", "_")] = value
         return options
 
+    export_options = parsed(args.export_option, "--export-option")
+    import inspect
+
+    from vaeserve.export.exporter import export_checkpoint
+
+    known = set(inspect.signature(export_checkpoint).parameters) - {"checkpoint", "repository", "name", "version"}
+    if set(export_options) - known:
+        raise ConfigError(f"--export-option: unknown {sorted(set(export_options) - known)}; known: {sorted(known)}")
     paths = resolve_datasets(args.datasets, args.adbench)
     summary = run_bench(paths, args.seeds, args.out, args.jobs, args.max_train_rows or MAX_TRAIN_ROWS,
                         parsed(args.train_option, "--train-option"),
-                        export_options=parsed(args.export_option, "--export-option"))  # fmt: skip
+                        export_options=export_options)  # fmt: skip
     print((args.out / "results.md").read_text())
     for m in summary["methods"]:
         print(f"{m:<24} mean AUROC {100 * summary['overall'][m]['auroc']:.2f}  AUPRC {100 * summary['overall'][m]['auprc']:.2f}")

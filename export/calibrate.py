@@ -1,8 +1,9 @@
 """Anomaly thresholds, calibrated on held-out normal rows scored through the exported graphs.
 
 The rows go through the version's Scorer (vaeserve.scoring) on its ONNX Runtime sessions, exactly as the
-service scores a request, with the same sample counts and seed, so a threshold applies to the scores the
-service returns. A CVAE is scored label-free with its class prior (log p(x) ~ log sum_y p(y) p(x|y)),
+service scores a request, with the same sample counts and seed: -ELBO as a Score without K (the score
+graph, where the version has one), the K-sample bound as a Score with K; so a threshold applies to the
+scores the service returns. A CVAE is scored label-free with its class prior (log p(x) ~ log sum_y p(y) p(x|y)),
 because at serve time a request's labels are optional and an anomalous row may carry no trustworthy label.
 """
 
@@ -23,8 +24,9 @@ def calibrate(x_raw: np.ndarray, scorer: scoring.Scorer, iw_samples: int = scori
     """The manifest's thresholds for raw held-out rows x_raw [rows, features]."""
     if x_raw.shape[0] > max_rows:
         x_raw = x_raw[np.sort(np.random.default_rng(scoring.SEED).choice(x_raw.shape[0], max_rows, replace=False))]
-    s = scorer.score(x_raw, None, iw_samples)
-    scores = {"neg_elbo": s.neg_elbo, "neg_iw": s.neg_iw}
+    s = scorer.score(x_raw, None)  # as a Score without K is served: through the score graph when there is one
+    iw = scorer.score(x_raw, None, iw_samples) if iw_samples else None
+    scores = {"neg_elbo": s.neg_elbo} | ({} if iw is None else {"neg_iw": iw.neg_iw})
     with np.errstate(invalid="ignore"):
         quantiles = {name: {str(q): float(np.quantile(v, q)) for q in QUANTILES} for name, v in scores.items()}
     default = quantiles[DEFAULT_SCORE][str(1.0 - TARGET_FALSE_POSITIVE_RATE)]

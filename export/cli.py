@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--version", type=int, help="version number (default: one above the highest existing)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX Runtime - torch| allowed (default: 1e-4)")
     p.add_argument("--elbo-samples", type=int, default=None,
-                   help="posterior samples of the ELBO the version scores with (default 2: more did not rank anomalies better on the anomaly benchmark)")
+                   help="posterior samples of the ELBO the version scores with (default: vaeserve.scoring.ELBO_SAMPLES, "
+                   "2; more did not rank anomalies better on the anomaly benchmark)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default: torchscript, the faster; both give parity ~2e-7)")
     p.set_defaults(func=run)
@@ -34,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
     options = {} if args.elbo_samples is None else {"elbo_samples": args.elbo_samples}
     version = export_checkpoint(args.checkpoint, args.repository, name, args.version,
                                 tolerance=args.tolerance, exporter=args.exporter, **options)
-    worst = max(version.manifest.parity.max_abs_diff.values())
-    score = max(version.manifest.parity.score.max_rel_diff.values())
+    parity = version.manifest.parity
+    worst = max(parity.max_abs_diff.values())
+    graph = ("no score graph: it missed its parity, the version scores on the NumPy path" if parity.score is None
+             else f"score graph max relative diff {max(parity.score.max_rel_diff.values()):.2g}")  # fmt: skip
     thresholds = version.manifest.thresholds
-    print(f"exported {version.path} (parity max abs diff {worst:.2g}, score graph max relative diff {score:.2g}, "
+    print(f"exported {version.path} (parity max abs diff {worst:.2g}, {graph}, "
           f"default threshold {thresholds.score} > {thresholds.default:.2f})")
     return 0

@@ -123,8 +123,8 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         # Its float32 likelihood terms are not close enough for this model (Gaussian terms of both signs
         # cancel in the sum; float64 terms cost more than the NumPy path saves): score on the NumPy path.
         log.warning("%s; the version is exported without its score graph and scores on the NumPy path", err)
+        del entries["score"], graphs["score"]  # the session first, then its file
         (folder / score_spec.file).unlink()
-        del entries["score"]
         score_check = None
         rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info)
     return Manifest(

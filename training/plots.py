@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vaeserve import scoring  # noqa: E402
 from vaeserve.scoring import decoder_mean  # noqa: E402
 from vaeserve.training.checkpoint import Checkpoint  # noqa: E402
 from vaeserve.training.evaluate import one_hot  # noqa: E402
@@ -114,7 +115,8 @@ def _loss_curves(v: _View):
     else:  # PPCA: closed form, no epochs; its exact log-likelihood beside the sampled ELBO estimates
         val = v.checkpoint.metrics.get("validation", {})
         train = v.checkpoint.metrics.get("train", {})
-        names = ["train -ELBO\n(8 samples)", "val -ELBO\n(8 samples)", "val -log p(x)\n(exact)"]
+        sampled = f"({scoring.ELBO_SAMPLES} samples)"
+        names = [f"train -ELBO\n{sampled}", f"val -ELBO\n{sampled}", "val -log p(x)\n(exact)"]
         values = [train.get("neg_elbo", np.nan), val.get("neg_elbo", np.nan), -val.get("exact_log_likelihood", np.nan)]
         ax_elbo.bar_label(ax_elbo.bar(names, values, color=["C0", "C1", "C2"]), fmt="%.2f")
         ax_kl.bar_label(ax_kl.bar(["train KL", "val KL"], [train.get("kl", np.nan), val.get("kl", np.nan)], color=["C0", "C1"]), fmt="%.2f")

@@ -257,7 +257,7 @@ def _score_given(x, labels, encode, decode, likelihood, elbo_samples, iw_samples
 
 # float64 values one chunk of a Score holds per array (rows x posterior samples x classes x features):
 # 16 MiB each, so memory stays bounded whatever the request; a batch of the service's usual size
-# (256 rows x 8 samples x 784 features) is one chunk.
+# (256 rows x 8 samples x 784 features, or 1024 rows at the default 2 samples) is one chunk.
 CHUNK_VALUES = 1 << 21
 
 

@@ -42,6 +42,7 @@ def test_elbo_samples_are_the_versions_own(make_checkpoint, tmp_path, digits):
     version = export_checkpoint(checkpoint, tmp_path, "m", elbo_samples=3)
     assert version.manifest.scoring.elbo_samples == 3
     model = Model(version)  # the score graph holds 3 samples of noise: it agrees with the NumPy scorer at 3
+    assert version.manifest.score is not None and model.scorer.uses_graph()
     data, _, val = digits
     x = data.x[val][:16].astype(np.float32)
     graph, reference = model.scorer.score(x), model.scorer.score(x, reference=True)

@@ -166,7 +166,7 @@ class Manifest:
     parity: Parity
     source_checkpoint: dict[str, str]  # path, sha256
     thresholds: Thresholds
-    score: GraphInfo | None = None  # the score graph; None in versions exported before it (schema 2)
+    score: GraphInfo | None = None  # the score graph; None before it (schema 2) or when it missed its parity
 
     @property
     def conditional(self) -> bool:

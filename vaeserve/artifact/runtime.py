@@ -135,7 +135,7 @@ def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: S
 
 class Model:
     """A model version ready for inference: its graphs open and checked, its Scorer (on the score graph
-    where the version has one; versions exported before it score in NumPy)."""
+    where the version has one; versions without one, older or whose graph missed its parity, score in NumPy)."""
 
     def __init__(self, version: ModelVersion, intra_op_threads: int = 1):
         m = version.manifest
