@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
     client = subparsers.add_parser(
         "client", help="call a running server",
-        description="Call a vaeserve server. --ca turns TLS on, --cert/--key add a client certificate (mTLS), "
+        description="Call a vaeserve server. --tls or --ca turns TLS on, --cert/--key add a client certificate (mTLS), "
         "--token sends a bearer token; each has an environment variable, and a flag wins over its variable.",
     )  # fmt: skip
     commands = client.add_subparsers(dest="client_command", metavar="RPC", required=True)
@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     common.add_argument("--version", type=int, default=0, help="model version (default: newest)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    common.add_argument("--tls", action="store_true", help="TLS, the server's certificate checked against the "
+                        "system's CA roots (implied by --ca, --cert and --key)")
     common.add_argument("--ca", metavar="FILE", default=_env("VAESERVE_CA"),
                         help="PEM CA bundle the server's certificate is checked against; turns TLS on [VAESERVE_CA]")
     common.add_argument("--cert", metavar="FILE", default=_env("VAESERVE_CLIENT_CERT"),
@@ -116,7 +118,7 @@ def _client(args) -> int:
     from vaeserve.service.client import Client
 
     with Client(f"{args.host}:{args.port}", timeout=args.timeout, ca=args.ca, cert=args.cert, key=args.key,
-                token=args.token) as client:  # fmt: skip
+                token=args.token, tls=args.tls) as client:  # fmt: skip
         try:
             return _call(client, args, np)
         except grpc.RpcError as err:

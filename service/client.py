@@ -6,7 +6,8 @@
 
     Client("vae.example.com:50051", ca="ca.pem", cert="client.pem", key="client.key", token=token)
 
-`ca` (the server's CA bundle) turns TLS on; `cert` and `key` present a client certificate (mTLS);
+`tls=True` turns TLS on with the system's CA roots, `ca` (the server's CA bundle) with that bundle;
+`cert` and `key` present a client certificate (mTLS);
 `token` goes as `authorization: Bearer <token>` metadata on every call, over TLS or plaintext alike.
 
 Errors arrive as grpc.RpcError (sync) / grpc.aio.AioRpcError (asyncio) with the server's status code
@@ -35,10 +36,10 @@ def _read(path, what: str) -> bytes | None:
         raise ConfigError(f"{what} {path}: {err.strerror}") from None
 
 
-def channel_credentials(ca=None, cert=None, key=None) -> grpc.ChannelCredentials | None:
-    """TLS credentials when any of the PEM files is given (without `ca`, the system's CA roots), else
-    None: plaintext."""
-    if ca is None and cert is None and key is None:
+def channel_credentials(ca=None, cert=None, key=None, tls: bool = False) -> grpc.ChannelCredentials | None:
+    """TLS credentials when `tls` or any of the PEM files is given (without `ca`, the system's CA roots),
+    else None: plaintext."""
+    if not tls and ca is None and cert is None and key is None:
         return None
     if (cert is None) != (key is None):
         raise ConfigError("a client certificate needs both cert and key")
@@ -163,9 +164,9 @@ class _Requests:
 
 class Client(_Requests):
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0, ca=None, cert=None, key=None,
-                 token: str | None = None):  # fmt: skip
+                 token: str | None = None, tls: bool = False):  # fmt: skip
         self.timeout = timeout
-        credentials = channel_credentials(ca, cert, key)
+        credentials = channel_credentials(ca, cert, key, tls)
         self._metadata = _call_metadata(token)
         self._channel = (grpc.insecure_channel(target, options=_OPTIONS) if credentials is None
                          else grpc.secure_channel(target, credentials, options=_OPTIONS))  # fmt: skip
@@ -186,9 +187,9 @@ class Client(_Requests):
 
 class AsyncClient(_Requests):
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0, ca=None, cert=None, key=None,
-                 token: str | None = None):  # fmt: skip
+                 token: str | None = None, tls: bool = False):  # fmt: skip
         self.timeout = timeout
-        credentials = channel_credentials(ca, cert, key)
+        credentials = channel_credentials(ca, cert, key, tls)
         self._metadata = _call_metadata(token)
         self._channel = (grpc.aio.insecure_channel(target, options=_OPTIONS) if credentials is None
                          else grpc.aio.secure_channel(target, credentials, options=_OPTIONS))  # fmt: skip

@@ -125,6 +125,10 @@ def tls_server(model_repository, tls):
 def test_tls_port_refuses_plaintext(tls_server, tls, rows):
     with Client(tls_server.target, timeout=5, token=TOKEN) as plaintext:
         assert code_of(plaintext.models) == UNAVAILABLE
+    with Client(tls_server.target, timeout=5, token=TOKEN, tls=True) as system_roots:  # TLS on, our CA not trusted
+        with pytest.raises(grpc.RpcError) as refused:
+            system_roots.models()
+        assert refused.value.code() == UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in refused.value.details()
     with Client(tls_server.target, ca=tls.ca_file, token=TOKEN) as client:
         assert client.models() == MODELS
         score_rows(client, rows)
