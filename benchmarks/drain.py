@@ -12,21 +12,16 @@ import collections
 import signal
 import time
 
-from vaeserve.benchmarks.harness import model_version, start_server
+from vaeserve.benchmarks.harness import model_version, run_scenario
 
 
 def run(args) -> int:
     import json
 
-
     version = model_version(args.repository, args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    server = start_server(args.repository, log=args.out / "server.log", drain_notice_seconds=args.notice)
-    try:
-        server.wait_serving()
-        result = asyncio.run(sigterm_under_load(server, version.manifest, args.callers, args.before, args.seconds))
-    finally:
-        server.stop()
+    result, _ = run_scenario(args.repository, args.out,
+                             lambda server: sigterm_under_load(server, version.manifest, args.callers, args.before, args.seconds),
+                             drain_notice_seconds=args.notice)  # fmt: skip
     _report(result)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -22,6 +22,21 @@ def model_version(repository: Path, model: str | None = None):
     return newest(found[model or sorted(found)[0]])
 
 
+def run_scenario(repository: Path, out: Path, scenario, **settings) -> tuple[dict, int]:
+    """Start `vaeserve serve` on repository (its log in out/server.log), wait for SERVING, run the
+    coroutine function scenario(server) -> result, stop the server: (result, its exit status)."""
+    import asyncio
+
+    out.mkdir(parents=True, exist_ok=True)
+    server = start_server(repository, log=out / "server.log", **settings)
+    try:
+        server.wait_serving()
+        result = asyncio.run(scenario(server))
+    finally:
+        code = server.stop()
+    return result, code
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

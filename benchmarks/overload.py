@@ -13,7 +13,7 @@ import asyncio
 import collections
 import time
 
-from vaeserve.benchmarks.harness import model_version, start_server
+from vaeserve.benchmarks.harness import model_version, run_scenario
 
 CAPACITY_SECONDS = 5.0
 
@@ -21,15 +21,9 @@ CAPACITY_SECONDS = 5.0
 def run(args) -> int:
     import json
 
-
     version = model_version(args.repository, args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    server = start_server(args.repository, log=args.out / "server.log", max_batch_size=args.max_batch_size)
-    try:
-        server.wait_serving()
-        result = asyncio.run(_overload(args, server, version))
-    finally:
-        code = server.stop()
+    result, code = run_scenario(args.repository, args.out, lambda server: _overload(args, server, version),
+                                max_batch_size=args.max_batch_size)  # fmt: skip
     result["exit_code"] = code
     _report(result)
     if args.json:
