@@ -1,10 +1,12 @@
 """`vaeserve bench fuzz`: mutated requests against every RPC of a served repository.
 
-Starting from a valid request of every vaeserve.v1 RPC for every model, each request sent is one of:
+Starting from a valid request of every vaeserve.v1 RPC for every model, and of the Open Inference
+Protocol's ModelInfer (Score and Embed, raw contents), each request sent is one of:
 a bit flip (1 to 8 bits of the serialized bytes), a truncation, an insertion of random bytes (stray
 fields, broken tags), or a structured mutation of the message (shapes such as [2**62, 0] or 100
 dimensions, byte counts that disagree, NaN/Inf/1e38 values, labels like "3\\x00" or 10,000 characters,
-extreme integers and floats in every scalar field). The bytes go out as they are, through a generic
+extreme integers and floats in every scalar field; for ModelInfer, inputs with other shapes, datatypes,
+contents or counts of raw contents, BYTES with broken lengths, odd parameters and outputs). The bytes go out as they are, through a generic
 gRPC call. Every answer must be a status a client can act on (OK, INVALID_ARGUMENT, NOT_FOUND, ...):
 INTERNAL or UNKNOWN is a failure. Afterwards the server must still be SERVING, and its log must not
 have grown with the number of requests.
@@ -18,7 +20,9 @@ import time
 import numpy as np
 
 FAILURES = ("INTERNAL", "UNKNOWN")
-RPCS = ("Embed", "Reconstruct", "Score", "Generate", "Decode", "ListModels", "GetModel")
+RPCS = ("Embed", "Reconstruct", "Score", "Generate", "Decode", "ListModels", "GetModel", "ModelInfer")
+PATHS = {name: f"/vaeserve.v1.Inference/{name}" for name in RPCS} | {"ModelInfer": "/inference.GRPCInferenceService/ModelInfer"}
+DATATYPES = ("FP32", "FP64", "BYTES", "INT64", "BOOL", "", "fp32", "FP32\x00")
 SHAPES = ([], [1], [2**62, 0], [0, 2**62], [-1, 4], [2**63 - 1, 2**63 - 1], [1] * 100, [3, 2, 1], [4097, 1])
 FLOATS = (math.nan, math.inf, -math.inf, 3.4e38, -3.4e38, 1e-45, -0.0, 1e6)
 STRINGS = ("3\x00", "", "x" * 10_000, "\u00e9\u4e2d\U0001f600", "vae\x00", "../../etc/passwd", "0" * 65)
@@ -32,11 +36,25 @@ def seed_requests(manifests) -> list[tuple[str, object]]:
         a = np.zeros((rows, width), "<f4")
         return pb.Tensor(shape=a.shape, data=a.tobytes())
 
+    from vaeserve.oip.v2 import predict_pb2 as oip
+
+    def infer(model: str, x: np.ndarray, labels: list[str], **parameters):
+        tensors = [oip.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=x.shape)]
+        raw = [x.tobytes()]
+        if labels:
+            tensors.append(oip.ModelInferRequest.InferInputTensor(name="labels", datatype="BYTES", shape=[len(labels)]))
+            raw.append(b"".join(len(label.encode()).to_bytes(4, "little") + label.encode() for label in labels))
+        request = oip.ModelInferRequest(model_name=model, id="fuzz", inputs=tensors, raw_input_contents=raw)
+        for key, value in parameters.items():
+            setattr(request.parameters[key], {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)], value)
+        return request
+
     seeds = [("ListModels", pb.ListModelsRequest())]
     for m in manifests:
         name, features, latent = m.name, m.input.features, m.model.latent_dim
         labels = [m.labels[0]] * 2 if m.labels else []
-        x = pb.Tensor(shape=[2, features], data=np.stack([m.support.low, m.support.high]).astype("<f4").tobytes())
+        rows = np.stack([m.support.low, m.support.high]).astype("<f4")
+        x = pb.Tensor(shape=[2, features], data=rows.tobytes())
         seeds += [
             ("Embed", pb.EmbedRequest(model=name, x=x, labels=labels, posterior_samples=2, seed=1)),
             ("Reconstruct", pb.ReconstructRequest(model=name, x=x, labels=labels)),
@@ -44,6 +62,8 @@ def seed_requests(manifests) -> list[tuple[str, object]]:
             ("Generate", pb.GenerateRequest(model=name, count=0 if labels else 2, labels=labels, temperature=0.5, seed=2)),
             ("Decode", pb.DecodeRequest(model=name, z=tensor(2, latent), labels=labels)),
             ("GetModel", pb.GetModelRequest(model=name, version=1)),
+            ("ModelInfer", infer(name, rows, labels, threshold="1.0", per_feature=True, iw_samples=4)),
+            ("ModelInfer", infer(f"{name}.embed", rows, labels, posterior_samples=2, seed=1)),
         ]
     return seeds
 
@@ -53,8 +73,12 @@ def _structured(message, rng: np.random.Generator):
     from google.protobuf.descriptor import FieldDescriptor as F
 
     message = type(message).FromString(message.SerializeToString())
+    if message.DESCRIPTOR.name == "ModelInferRequest":
+        return _structured_infer(message, rng)
     fields = list(message.DESCRIPTOR.fields)
-    if not fields:  # ListModelsRequest
+    if not fields:  # ListModelsRequest: a well-formed field it does not know (to be skipped), or random bytes
+        if rng.random() < 0.5:
+            return bytes([int(rng.integers(1, 16)) << 3]) + bytes([int(rng.integers(0, 128))])  # field 1-15, a varint
         return message.SerializeToString() + bytes(rng.integers(0, 256, rng.integers(1, 8)).astype(np.uint8))
     field = fields[rng.integers(len(fields))]
     name = field.name
@@ -86,6 +110,53 @@ def _structured(message, rng: np.random.Generator):
         bits = 64 if field.type in (F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64) else 32
         extremes = [-(2 ** (bits - 1)), -1, 2 ** (bits - 1) - 1] if signed else [2**bits - 1, 2 ** (bits - 1), 1025]
         setattr(message, name, extremes[rng.integers(len(extremes))])
+    return message.SerializeToString()
+
+
+def _structured_infer(message, rng: np.random.Generator) -> bytes:
+    """A copy of a ModelInferRequest with one part of it made extreme or inconsistent."""
+    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    tensor = pick(message.inputs)
+    index = list(message.inputs).index(tensor)
+    choice = rng.integers(7)
+    if choice == 0:
+        del tensor.shape[:]
+        tensor.shape.extend(pick(SHAPES))
+    elif choice == 1:
+        tensor.datatype = pick(DATATYPES)
+    elif choice == 2:  # contents: a value made extreme, cut, random bytes, or typed contents beside raw
+        raw = message.raw_input_contents[index]
+        values = np.frombuffer(raw, "<f4").copy() if tensor.name == "x" and len(raw) % 4 == 0 else None
+        kind = rng.integers(4)
+        if kind == 0 and values is not None and values.size:
+            values[rng.integers(values.size)] = pick(FLOATS)
+            message.raw_input_contents[index] = values.tobytes()
+        elif kind == 1:
+            message.raw_input_contents[index] = raw[: rng.integers(len(raw) + 1)]
+        elif kind == 2:
+            message.raw_input_contents[index] = bytes(rng.integers(0, 256, int(rng.integers(0, 1 << 12))).astype(np.uint8))
+        else:
+            tensor.contents.fp32_contents.extend(pick(FLOATS) for _ in range(rng.integers(1, 8)))
+    elif choice == 3:  # one raw contents more or fewer than inputs
+        if rng.random() < 0.5:
+            message.raw_input_contents.append(b"\0" * 8)
+        else:
+            del message.raw_input_contents[-1]
+    elif choice == 4:  # a parameter of any name, of any type
+        parameter = message.parameters[pick((*STRINGS, "threshold", "iw_samples", "per_feature", "seed", "posterior_samples"))]
+        kind = rng.integers(4)
+        if kind == 0:
+            parameter.double_param = pick(FLOATS)
+        elif kind == 1:
+            parameter.int64_param = int(pick((-(2**63), -1, 2**63 - 1, 2**32)))
+        elif kind == 2:
+            parameter.string_param = pick(("nan", "inf", "1e400", "", "x" * 10_000))
+        else:
+            parameter.bool_param = True
+    elif choice == 5:
+        message.outputs.add(name=pick((*STRINGS, "neg_iw", "per_feature", "samples", "mu")))
+    else:
+        message.model_name, message.model_version = pick((*STRINGS, message.model_name)), pick(("", "0", "-1", "1", "x", "9" * 30))
     return message.SerializeToString()
 
 
@@ -122,8 +193,7 @@ async def send_all(target: str, seeds, count: int, seconds: float, seed: int = 0
         kinds[kind] += 1
         queue.append((method, data))
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 28)]) as channel:
-        calls = {m: channel.unary_unary(f"/vaeserve.v1.Inference/{m}", request_serializer=None, response_deserializer=None)
-                 for m in RPCS}  # fmt: skip
+        calls = {m: channel.unary_unary(PATHS[m], request_serializer=None, response_deserializer=None) for m in RPCS}
 
         async def worker(index: int):
             for method, data in queue[index::concurrency]:

@@ -12,8 +12,23 @@
 
 Errors arrive as grpc.RpcError (sync) / grpc.aio.AioRpcError (asyncio) with the server's status code
 and message.
+
+`score_stream` scores a feed on one stream (ScoreStream): each item of `rows` is one message, a 1-D row
+or a 2-D array of rows, and it yields one answer per item, in order, as the server sends them: a
+ScoreResult, or a StreamError for an item the server refused (the stream goes on). Only a failure of the
+stream itself raises (UNAVAILABLE when the server drains: reconnect elsewhere and send what was not
+answered). A stream has no deadline unless `timeout` is given, since a feed need not end:
+
+    with Client("localhost:50051") as client:
+        for answer in client.score_stream("digits", feed):   # feed: rows as they come
+            ...
+
+    async for answer in async_client.score_stream("digits", feed):   # feed: iterable or async iterable
+        ...
 """
 
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +104,14 @@ class ScoreResult:
 
 
 @dataclass
+class StreamError:
+    """The server's answer to one message of a stream it could not score: what a unary call would raise."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass
 class Samples:
     x: np.ndarray
     z: np.ndarray
@@ -114,12 +137,51 @@ def _parse_score(r: pb.ScoreResponse) -> ScoreResult:
     )  # fmt: skip
 
 
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _parse_stream(r: pb.ScoreStreamResponse) -> ScoreResult | StreamError:
+    if r.WhichOneof("result") == "error":
+        return StreamError(_STATUS_CODES.get(r.error.code, grpc.StatusCode.UNKNOWN), r.error.message)
+    return _parse_score(r.score)
+
+
 def _parse_generate(r: pb.GenerateResponse) -> Samples:
     return Samples(to_array(r.x), to_array(r.z))
 
 
 def _parse_models(r: pb.ListModelsResponse) -> dict[str, list[int]]:
     return {m.name: list(m.versions) for m in r.models}
+
+
+def _score_request(model: str, x, labels, *, version: int, threshold: float | None, per_feature: bool,
+                   iw_samples: int) -> pb.ScoreRequest:  # fmt: skip
+    return pb.ScoreRequest(model=model, version=version, x=to_tensor(x), labels=_labels(labels),
+                           threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)  # fmt: skip
+
+
+_ENDED = object()
+
+
+def _stream_request(item, labels: Iterator | None, options: dict) -> pb.ScoreRequest:
+    """The message for one item of a feed: a 1-D row (its label is the next of `labels`) or a 2-D array of
+    rows (their labels, a list)."""
+    x = np.asarray(item)
+    label = None if labels is None else next(labels, _ENDED)
+    if label is _ENDED:
+        raise ValueError("labels ended before rows: give one labels item per rows item")
+    if x.ndim == 1:
+        x, label = x[None], None if label is None else [label]
+    return _score_request(x=x, labels=label, **options)
+
+
+async def _each(items: Iterable | AsyncIterable) -> AsyncIterator:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 class _Requests:
@@ -139,8 +201,8 @@ class _Requests:
 
     def score(self, model: str, x, labels=None, *, version: int = 0, threshold: float | None = None,
               per_feature: bool = False, iw_samples: int = 0):  # fmt: skip
-        request = pb.ScoreRequest(model=model, version=version, x=to_tensor(x), labels=_labels(labels),
-                                  threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)  # fmt: skip
+        request = _score_request(model, x, labels, version=version, threshold=threshold, per_feature=per_feature,
+                                 iw_samples=iw_samples)  # fmt: skip
         return self._call("Score", request, _parse_score)
 
     def generate(self, model: str, count: int = 0, labels=None, *, version: int = 0,
@@ -175,6 +237,35 @@ class Client(_Requests):
     def _call(self, method, request, parse):
         return parse(getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata))
 
+    def score_stream(self, model: str, rows: Iterable, labels: Iterable | None = None, *, version: int = 0,
+                     threshold: float | None = None, per_feature: bool = False, iw_samples: int = 0,
+                     timeout: float | None = None) -> Iterator[ScoreResult | StreamError]:  # fmt: skip
+        """Score each item of `rows` (a 1-D row, or a 2-D array of rows; `labels` parallel to it: a label,
+        or a list) on one stream: per item, in order, its ScoreResult or StreamError. `timeout` is the
+        whole stream's deadline (none by default: a feed need not end)."""
+        options = dict(model=model, version=version, threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)
+        failed = []  # gRPC reads the requests in a thread of its own and only cancels the call when that fails
+
+        def requests():
+            each_label = None if labels is None else iter(labels)
+            try:
+                for item in rows:
+                    yield _stream_request(item, each_label, options)
+            except Exception as err:
+                failed.append(err)
+                raise
+
+        call = self._stub.ScoreStream(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            for response in call:
+                yield _parse_stream(response)
+        except grpc.RpcError:
+            if failed:
+                raise failed[0] from None
+            raise
+        finally:
+            call.cancel()  # the caller stopped early: the server drops what it still holds
+
     def close(self) -> None:
         self._channel.close()
 
@@ -197,6 +288,34 @@ class AsyncClient(_Requests):
 
     async def _call(self, method, request, parse):
         return parse(await getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata))
+
+    async def score_stream(self, model: str, rows: Iterable | AsyncIterable, labels: Iterable | None = None, *,
+                           version: int = 0, threshold: float | None = None, per_feature: bool = False,
+                           iw_samples: int = 0,
+                           timeout: float | None = None) -> AsyncIterator[ScoreResult | StreamError]:  # fmt: skip
+        """Client.score_stream, with `rows` an iterable or an async iterable."""
+        options = dict(model=model, version=version, threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)
+        failed = []  # gRPC reads the requests in a task of its own and only cancels the call when that fails
+
+        async def requests():
+            each_label = None if labels is None else iter(labels)
+            try:
+                async for item in _each(rows):
+                    yield _stream_request(item, each_label, options)
+            except Exception as err:
+                failed.append(err)
+                raise
+
+        call = self._stub.ScoreStream(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield _parse_stream(response)
+        except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call locally: CancelledError here
+            if failed and not asyncio.current_task().cancelling():
+                raise failed[0] from None
+            raise
+        finally:
+            call.cancel()  # the caller stopped early: the server drops what it still holds
 
     async def close(self) -> None:
         await self._channel.close()

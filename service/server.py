@@ -1,5 +1,6 @@
-"""The grpc.aio server: Inference, grpc.health.v1, reflection; Prometheus /metrics on its own port;
-graceful shutdown; --workers N processes on one port through SO_REUSEPORT.
+"""The grpc.aio server: Inference (vaeserve.v1) and the Open Inference Protocol (service/oip.py) on one
+port, grpc.health.v1, reflection; Prometheus /metrics on its own port; graceful shutdown; --workers N
+processes on one port through SO_REUSEPORT.
 
 Life of a worker: read and open every version of the repository (manifests, graph hashes, ONNX Runtime
 sessions checked against their manifests; the message size limits follow from the versions that pass),
@@ -33,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from vaeserve.artifact.manifest import Manifest
 from vaeserve.artifact.repository import scan_repository
 from vaeserve.errors import VaeserveError
-from vaeserve.service import memory, security, status, wire
+from vaeserve.service import memory, oip, security, status, wire
 from vaeserve.service.models import ModelRegistry, no_valid_version, open_models
 from vaeserve.service.reload import RepositoryWatcher
 from vaeserve.service.servicer import InferenceServicer
@@ -76,7 +77,7 @@ class Server:
         if interceptors and self._certificates is None and settings.host not in LOOPBACK:
             log.warning("auth_tokens_file without TLS on %s: bearer tokens cross the network in plaintext", settings.host)
         self.opened = open_models(settings)
-        self.servicer = InferenceServicer()
+        self.servicer = InferenceServicer(settings)
         status.limit_in_flight(settings.concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         self.registry: ModelRegistry | None = None
@@ -94,6 +95,8 @@ class Server:
             ]
         )
         wire.add_service(self._server, pb_grpc.add_InferenceServicer_to_server, self.servicer, SERVICE)
+        self.oip = oip.OpenInferenceServicer(settings)
+        oip.add_to_server(self._server, self.oip)
         wire.add_service(self._server, health_pb2_grpc.add_HealthServicer_to_server, self.health,
                          health_pb2.DESCRIPTOR.services_by_name["Health"])  # fmt: skip
         if settings.reflection:
@@ -130,6 +133,7 @@ class Server:
         registry.serve(models)
         self.registry = registry
         self.servicer.serve(self.registry)
+        self.oip.serve(self.registry)
         self._watcher = RepositoryWatcher(self.registry, self.settings.repository_poll_seconds)
         self._watcher.start()
         if self._stopping.is_set():  # SIGTERM during the warm-up: never report SERVING, go straight to the drain
@@ -161,6 +165,7 @@ class Server:
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+        self.oip.ready = status == health_pb2.HealthCheckResponse.SERVING
 
     def request_stop(self) -> None:
         """SIGTERM/SIGINT: the first starts the drain, a second skips what is left of its notice."""
@@ -181,6 +186,7 @@ class Server:
         await self.stop_watching()
         loop = asyncio.get_running_loop()
         settings = self.settings
+        self.oip.ready = False
         await self.health.enter_graceful_shutdown()
         if settings.drain_notice_seconds > 0:
             log.info("draining: health NOT_SERVING, still serving for %.1f s (a second signal skips this)",

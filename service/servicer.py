@@ -1,27 +1,29 @@
 """The Inference servicer: validate, convert, delegate to the served model. Error mapping and
-request metrics come from the @rpc decorator; batching, ONNX Runtime and scoring live elsewhere."""
+request metrics come from status.Calls (the @rpc decorator for unary RPCs; ScoreStream runs each of its
+messages as a call of its own); batching, ONNX Runtime and scoring live elsewhere."""
 
-import asyncio
 import contextlib
 import json
 
+import grpc
 import numpy as np
 
 from vaeserve.errors import ModelNotReady
+from vaeserve.service import status, streams
 from vaeserve.service.convert import to_array, to_tensor
 from vaeserve.service.models import ModelRegistry, ServedModel
+from vaeserve.service.settings import Settings
 from vaeserve.service.status import rpc
 from vaeserve.v1 import vaeserve_pb2 as pb
 from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
 
-
-def _deadline(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+LOADING_MESSAGE = "the server is still loading its models; retry shortly"
+_SCORE_STREAM = status.Calls("ScoreStream")  # each message of a stream is counted and timed as a call
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self):
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self.registry: ModelRegistry | None = None
 
     def serve(self, registry: ModelRegistry) -> None:
@@ -32,22 +34,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """The models served now (the registry's, which reloads replace)."""
         return frozenset() if self.registry is None else self.registry.names
 
+    def model_label(self, request) -> str:
+        """The model a request names, for the metrics: "" unless the server serves it."""
+        model = getattr(request, "model", "")
+        return model if model in self.model_names else ""
+
     @staticmethod
     def _rows(tensor, model: ServedModel):
         return to_array(tensor, "x", model.features, model.settings.max_rows)
 
+    def _serving(self) -> ModelRegistry:
+        if self.registry is None:
+            raise ModelNotReady(LOADING_MESSAGE)
+        return self.registry
+
     def _model(self, request) -> contextlib.AbstractContextManager[ServedModel]:
         """The requested version, held for the whole call: a version leaving service waits for its calls."""
-        if self.registry is None:
-            raise ModelNotReady("the server is still loading its models; retry shortly")
-        return self.registry.get(request.model, request.version).in_use()
+        return self._serving().get(request.model, request.version).in_use()
 
     @rpc
     async def Embed(self, request, context):
         with self._model(request) as model:
             seed = request.seed if request.HasField("seed") else None
             mu, logvar, samples = await model.embed(
-                self._rows(request.x, model), request.labels, request.posterior_samples, seed, _deadline(context)
+                self._rows(request.x, model), request.labels, request.posterior_samples, seed, status.deadline(context)
             )
             response = pb.EmbedResponse(model=model.name, version=model.version, mu=to_tensor(mu), logvar=to_tensor(logvar))
             if samples is not None:
@@ -57,7 +67,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc
     async def Reconstruct(self, request, context):
         with self._model(request) as model:
-            x, nll, mse = await model.reconstruct(self._rows(request.x, model), request.labels, _deadline(context))
+            x, nll, mse = await model.reconstruct(self._rows(request.x, model), request.labels, status.deadline(context))
             return pb.ReconstructResponse(
                 model=model.name, version=model.version, x=to_tensor(x),
                 neg_log_likelihood=nll.tolist(), mean_squared_error=mse.tolist(),
@@ -65,11 +75,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @rpc
     async def Score(self, request, context):
+        return await self._score(request, status.deadline(context))
+
+    async def ScoreStream(self, requests, context):
+        """One ScoreStreamResponse per request, in order: its scores, or the error of that message alone."""
+
+        def reply(request, outcome: status.Outcome) -> pb.ScoreStreamResponse:
+            if outcome.code != grpc.StatusCode.OK:
+                return pb.ScoreStreamResponse(error=pb.Error(code=outcome.code.value[0], message=outcome.message))
+            return pb.ScoreStreamResponse(score=outcome.value)
+
+        async for response in streams.serve(requests, context, _SCORE_STREAM, self.model_label,
+                                            lambda request: self._score(request, status.deadline(context)), reply,
+                                            self.settings.stream_window):  # fmt: skip
+            yield response
+
+    async def _score(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
+        """Score's answer to one request (a unary call, or a message of ScoreStream), batched with all traffic."""
         with self._model(request) as model:
             threshold = request.threshold if request.HasField("threshold") else None
-            result = await model.score(
-                self._rows(request.x, model), request.labels, threshold, request.iw_samples, _deadline(context)
-            )
+            result = await model.score(self._rows(request.x, model), request.labels, threshold, request.iw_samples, deadline)
             s = result.scores
             response = pb.ScoreResponse(
                 model=model.name, version=model.version, threshold=result.threshold,
@@ -90,22 +115,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         with self._model(request) as model:
             temperature = request.temperature if request.HasField("temperature") else 1.0
             seed = request.seed if request.HasField("seed") else None
-            x, z = await model.generate(request.count, request.labels, temperature, seed, _deadline(context))
+            x, z = await model.generate(request.count, request.labels, temperature, seed, status.deadline(context))
             return pb.GenerateResponse(model=model.name, version=model.version, x=to_tensor(x), z=to_tensor(z))
 
     @rpc
     async def Decode(self, request, context):
         with self._model(request) as model:
             z = to_array(request.z, "z", model.latent_dim, model.settings.max_rows)
-            x = await model.decode_latent(z, request.labels, _deadline(context))
+            x = await model.decode_latent(z, request.labels, status.deadline(context))
             return pb.DecodeResponse(model=model.name, version=model.version, x=to_tensor(x))
 
     @rpc
     async def ListModels(self, request, context):
-        if self.registry is None:
-            raise ModelNotReady("the server is still loading its models; retry shortly")
         return pb.ListModelsResponse(
-            models=[pb.ModelVersions(name=n, versions=sorted(v)) for n, v in sorted(self.registry.models.items())]
+            models=[pb.ModelVersions(name=n, versions=sorted(v)) for n, v in sorted(self._serving().models.items())]
         )
 
     @rpc

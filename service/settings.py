@@ -70,6 +70,10 @@ class Settings:
         "this, counting calls not yet handled and health); 0 = max_batch_size + 128: a batch of single-row calls "
         "and room for others; the fewer calls held, the less memory and queueing an overload costs", 0,
     )
+    stream_window: int = _setting(
+        64, "messages of one stream (ScoreStream, ModelStreamInfer) in flight at once; the stream's next message "
+        "is read when one is answered", 1,
+    )
     warmup_rows: int = _setting(8, "rows of zeros run through every graph before reporting SERVING", 0)
 
     @classmethod

@@ -3,7 +3,8 @@
 grpc.aio answers a request whose protobuf cannot be parsed with UNKNOWN, a Python exception class in
 the message and a traceback in the log, for every such request. `add_service` registers a generated
 service with a deserializer that never raises: undecodable bytes become an `Undecodable` request, and
-the method answers INVALID_ARGUMENT with a fixed message before the servicer sees it. They are counted
+the method answers INVALID_ARGUMENT with a fixed message before the servicer sees it (in a stream, the
+servicer answers that message alone with the error, and the stream goes on). They are counted
 in vaeserve_requests_total (model "") and logged at most once a minute, with how many came since.
 """
 
@@ -49,9 +50,12 @@ class _Throttled:
 _undecodable_log = _Throttled()
 
 
+def note_undecodable(method: str) -> None:
+    """Log (throttled) an undecodable message that a stream's servicer answers on its own."""
+    _undecodable_log.note(method)
+
+
 def _guard(full_method: str, handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodHandler:
-    if handler.request_streaming:
-        return handler  # a stream's messages are decoded one by one inside the servicer
     decode = handler.request_deserializer
     refusal = f"the request is not a valid {type_name} message"
     method = full_method.rsplit("/", 1)[-1]
@@ -61,6 +65,9 @@ def _guard(full_method: str, handler: grpc.RpcMethodHandler, type_name: str) -> 
             return decode(data)
         except Exception:  # DecodeError, and anything else a corrupt payload provokes
             return Undecodable(refusal)
+
+    if handler.request_streaming:  # the servicer answers an Undecodable message of a stream on its own
+        return handler._replace(request_deserializer=lenient)
 
     def wrap(behavior):
         async def guarded(request, context):
@@ -90,14 +97,16 @@ class _Recorder:
         self.services.append((service, handlers))
 
 
-def add_service(server: grpc.aio.Server, register, servicer, descriptor) -> None:
-    """`register(servicer, server)` (a generated add_*Servicer_to_server) with every unary-request method
-    guarded; `descriptor` (the service's protobuf ServiceDescriptor) names the request types."""
+def add_service(server: grpc.aio.Server, register, servicer, descriptor, name: str | None = None) -> None:
+    """`register(servicer, server)` (a generated add_*Servicer_to_server) with every method guarded;
+    `descriptor` (the service's protobuf ServiceDescriptor) names the request types. `name` serves it
+    under another service name than its proto's (the path clients call: /<name>/<method>)."""
     recorder = _Recorder()
     register(servicer, recorder)
     if not recorder.services:
         raise RuntimeError(f"{register.__name__} registered no method handlers: the generated code is not what wire expects")
     for service, handlers in recorder.services:
+        service = name or service
         guarded = {
             name: _guard(f"/{service}/{name}", handler, descriptor.methods_by_name[name].input_type.full_name)
             for name, handler in handlers.items()

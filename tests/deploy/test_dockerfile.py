@@ -119,11 +119,12 @@ def test_builder_runs_the_setup_scripts_pinned_install_without_extras(stages):
     assert docker_requirement == "."  # the project alone: the serving install
 
 
-def test_the_serving_install_has_no_torch():
+def test_the_serving_install_has_no_torch_and_no_tritonclient():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = [re.match(r"[A-Za-z0-9_.-]+", requirement).group().lower() for requirement in project["dependencies"]]
-    assert "torch" not in names and "onnxruntime-gpu" in names
+    assert "torch" not in names and "tritonclient" not in names and "onnxruntime-gpu" in names
     assert any(r.startswith("torch") for r in project["optional-dependencies"]["train"])
+    assert any(r.startswith("tritonclient") for r in project["optional-dependencies"]["dev"])  # the tests' OIP client
 
 
 def test_build_context_holds_what_the_builder_copies(stages):

@@ -143,3 +143,52 @@ def test_calls_above_the_concurrency_limit_are_resource_exhausted_at_once(model_
     assert {r.details() for r in refused} <= {ours, "Concurrent RPC limit exceeded!"}
     assert counted == sum(r.details() == ours for r in refused)
     assert all(len(r.neg_elbo) == 256 and np.isfinite(r.neg_iw).all() for r in answered)
+
+
+def test_open_streams_end_unavailable_at_the_drain_after_their_answers(model_repository, start_server):
+    """A stream that keeps sending and one left idle: both are answered through the notice, then end with
+    UNAVAILABLE, and the drain does not wait for them to close (the process exits long before drain_seconds)."""
+    import time
+
+    from vaeserve.service.client import to_tensor
+    from vaeserve.service.status import DRAINING_MESSAGE
+    from vaeserve.v1 import vaeserve_pb2 as pb
+    from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
+
+    server = start_server(model_repository, drain_notice_seconds=0.5, drain_seconds=30.0)
+    request = pb.ScoreRequest(model="vae", x=to_tensor(np.full((1, 64), 0.5, np.float32)))
+    try:
+        server.wait_serving()
+
+        async def stream(stub, keep_sending: bool, signal_after: int | None):
+            async def requests():
+                for i in range(3000):  # at most 30 s of messages
+                    if i >= 5 and not keep_sending:
+                        await asyncio.sleep(60)  # idle, never half-closed
+                    yield request
+                    await asyncio.sleep(0.01)
+
+            answered = 0
+            try:
+                async for reply in stub.ScoreStream(requests()):
+                    assert reply.WhichOneof("result") == "score" and len(reply.score.neg_elbo) == 1
+                    answered += 1
+                    if answered == signal_after:
+                        server.process.send_signal(15)
+            except grpc.aio.AioRpcError as err:
+                return answered, err.code(), err.details(), time.monotonic()
+            return answered, None, None, time.monotonic()
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                return await asyncio.gather(stream(stub, True, 20), stream(stub, False, None))
+
+        busy, idle = asyncio.run(scenario())
+        exit_code = server.process.wait(30)
+        ended = time.monotonic()
+    finally:
+        server.stop()
+    assert busy[0] > 20 and busy[1:3] == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)  # answered through the notice
+    assert idle[0] == 5 and idle[1:3] == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+    assert exit_code == 0 and ended - busy[3] < 10

@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from vaeserve.benchmarks import harness
-from vaeserve.service import security
+from vaeserve.oip.v2 import predict_pb2 as oip_pb
+from vaeserve.service import oip, security
 from vaeserve.service.client import Client, channel_credentials
 from vaeserve.v1 import vaeserve_pb2 as pb
 
@@ -141,10 +142,15 @@ def test_every_rpc_needs_a_token(tls_server, tls):
                 bearer(f"sha256:{sha256_hex(HASHED_TOKEN)}")]  # the digest is not the token  # fmt: skip
     refused = 0
     with grpc.secure_channel(tls_server.target, channel_credentials(tls.ca_file)) as channel:
-        for method in pb.DESCRIPTOR.services_by_name["Inference"].methods:
+        services = [(pb.DESCRIPTOR.services_by_name["Inference"], "vaeserve.v1.Inference"),
+                    (oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], oip.SERVICE_NAME)]  # fmt: skip
+        for method, service in [(method, name) for descriptor, name in services for method in descriptor.methods]:
             request = message_factory.GetMessageClass(method.input_type)()
-            call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}",
-                                       request_serializer=type(request).SerializeToString)  # fmt: skip
+            if method.client_streaming:  # one message, then read the whole stream
+                stream = channel.stream_stream(f"/{service}/{method.name}", request_serializer=type(request).SerializeToString)
+                call = lambda request, stream=stream, **kwargs: list(stream(iter([request]), **kwargs))  # noqa: E731
+            else:
+                call = channel.unary_unary(f"/{service}/{method.name}", request_serializer=type(request).SerializeToString)
             for metadata in refusals:
                 with pytest.raises(grpc.RpcError) as err:
                     call(request, metadata=metadata, timeout=5)

@@ -114,6 +114,22 @@ class ScoreResponse(_message.Message):
     support_distance: Tensor
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., neg_elbo: _Optional[_Iterable[float]] = ..., reconstruction: _Optional[_Iterable[float]] = ..., kl: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[_Union[Tensor, _Mapping]] = ..., neg_iw: _Optional[_Iterable[float]] = ..., out_of_support: _Optional[_Iterable[bool]] = ..., support_distance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class ScoreStreamResponse(_message.Message):
+    __slots__ = ("score", "error")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    score: ScoreResponse
+    error: Error
+    def __init__(self, score: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "version", "count", "labels", "temperature", "seed")
     MODEL_FIELD_NUMBER: _ClassVar[int]

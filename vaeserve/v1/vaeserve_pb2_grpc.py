@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ScoreStream = channel.stream_stream(
+                '/vaeserve.v1.Inference/ScoreStream',
+                request_serializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreStreamResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/vaeserve.v1.Inference/Generate',
                 request_serializer=vaeserve_dot_v1_dot_vaeserve__pb2.GenerateRequest.SerializeToString,
@@ -90,6 +95,16 @@ class InferenceServicer:
 
     def Score(self, request, context):
         """Anomaly scores: -ELBO and its terms, optional importance-weighted bound and per-feature scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreStream(self, request_iterator, context):
+        """Score for a feed: one reply per request, in request order, each a ScoreResponse or the error of that
+        request alone (a bad message never ends the stream). Messages are batched with all other traffic;
+        the server reads a stream's next message while it holds fewer than its stream_window. The stream
+        ends with UNAVAILABLE when the server drains, after answering what it had read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +155,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreRequest.FromString,
                     response_serializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ScoreStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ScoreStream,
+                    request_deserializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreRequest.FromString,
+                    response_serializer=vaeserve_dot_v1_dot_vaeserve__pb2.ScoreStreamResponse.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -243,6 +263,33 @@ class Inference:
             '/vaeserve.v1.Inference/Score',
             vaeserve_dot_v1_dot_vaeserve__pb2.ScoreRequest.SerializeToString,
             vaeserve_dot_v1_dot_vaeserve__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vaeserve.v1.Inference/ScoreStream',
+            vaeserve_dot_v1_dot_vaeserve__pb2.ScoreRequest.SerializeToString,
+            vaeserve_dot_v1_dot_vaeserve__pb2.ScoreStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
