@@ -2,7 +2,8 @@
 
 Single-row Score at 1, 8 and 64 concurrent callers, batching on and off, beside a bare grpc.aio echo
 server carrying the same payload; 256-row Score at 8 callers beside raw ONNX Runtime in-process doing
-the same work (the version's Scorer on its own sessions); --workers 1 vs 2. Servers run as subprocesses of
+the same work (the version's Scorer on its own sessions); --workers 1 vs 2; the Open Inference Protocol's
+ModelInfer and ScoreStream beside Score on one server, in alternating rounds. Servers run as subprocesses of
 `vaeserve serve`; the load generator is one asyncio process on the same box with CONNECTIONS gRPC
 connections, as for the echo server.
 
@@ -197,6 +198,8 @@ async def _run_all(args, version) -> dict:
         echo.terminate()
         echo.join()
 
+    await _protocols(args, version, single, bulk, results, report)
+
     print("raw ONNX Runtime in-process, same work (scoring.score on the sessions, 1 intra-op thread)")
     report("raw ORT score 256 rows", _raw_ort(version, bulk, args.seconds))
 
@@ -204,7 +207,114 @@ async def _run_all(args, version) -> dict:
         print(f"single-row Score at 64 callers / echo: {results['ratio to echo, 64 callers']:.2f}  (target >= 0.8)")
     raw, bulk_rows = results["raw ORT score 256 rows"]["rows_s"], results["score 256 rows, 8 callers, batching on"]["rows_s"]
     print(f"256-row Score at 8 callers / raw ORT: {bulk_rows / raw:.2f}  (target >= 0.6)")
+    for key, target in [("OIP ModelInfer 1 row, 64 callers / Score", ">= 0.9"), ("OIP ModelInfer 256 rows, 8 callers / Score", ">= 0.9"),
+                        ("ScoreStream 1 row, 8 streams / Score 1 row, 64 callers", ">= 1.5")]:  # fmt: skip
+        print(f"{key}: {results[key]:.2f}  (target {target})")
     return results
+
+
+STREAMS = 8
+STREAM_WINDOW = 64  # messages each stream keeps in flight: the server's default stream_window
+
+
+async def _protocols(args, version, single, bulk, results, report) -> None:
+    """vaeserve.v1 Score, the Open Inference Protocol's ModelInfer and ScoreStream on one server, in
+    alternating rounds: ModelInfer against Score for the same rows (1 row at 64 callers, 256 rows at 8),
+    and STREAMS streams of single-row messages against unary single-row Score at 64 callers."""
+    import asyncio
+
+    import numpy as np
+
+    from vaeserve.oip.v2 import predict_pb2 as oip
+    from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
+
+    def infer_request(score):
+        x = oip.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=score.x.shape)
+        return oip.ModelInferRequest(model_name=version.name, inputs=[x], raw_input_contents=[score.x.data])
+
+    server = start_server(args.repository, warmup_rows=64, max_batch_size=256,
+                          **({} if args.max_queue_delay_ms is None else {"max_queue_delay_ms": args.max_queue_delay_ms}))  # fmt: skip
+    try:
+        await asyncio.to_thread(server.wait_serving)
+        print(f"protocols on one server (batching on), alternating rounds, median of {args.rounds}: vaeserve.v1 Score, "
+              f"OIP ModelInfer (raw_input_contents), ScoreStream ({STREAMS} streams, {STREAM_WINDOW} messages in flight each)")  # fmt: skip
+        async with _channels(server.target) as channels:
+            stubs = [pb_grpc.InferenceStub(c) for c in channels]
+            infers = [c.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=oip.ModelInferRequest.SerializeToString,
+                                    response_deserializer=oip.ModelInferResponse.FromString) for c in channels]  # fmt: skip
+
+            def score(request):
+                return [lambda stub=stub: stub.Score(request) for stub in stubs]
+
+            def infer(request):
+                return [lambda call=call: call(request) for call in infers]
+
+            points = {
+                "Score 1 row, 64 callers": lambda: _load(score(single), 64, args.seconds),
+                "OIP ModelInfer 1 row, 64 callers": lambda: _load(infer(infer_request(single)), 64, args.seconds),
+                f"ScoreStream 1 row, {STREAMS} streams": lambda: _stream_load(stubs, single, args.seconds),
+                "Score 256 rows, 8 callers": lambda: _load(score(bulk), 8, args.seconds, 256),
+                "OIP ModelInfer 256 rows, 8 callers": lambda: _load(infer(infer_request(bulk)), 8, args.seconds, 256),
+            }
+            rounds = {point: [] for point in points}
+            for i in range(args.rounds):  # every other round in reverse order: no point always follows another
+                for point, measure in (list(points.items())[::-1] if i % 2 else points.items()):
+                    rounds[point].append(await measure())
+    finally:
+        server.stop(60)
+    for point, measured in rounds.items():
+        report(point, _median_round(measured))
+    for key, (a, b) in {
+        "OIP ModelInfer 1 row, 64 callers / Score": ("OIP ModelInfer 1 row, 64 callers", "Score 1 row, 64 callers"),
+        "OIP ModelInfer 256 rows, 8 callers / Score": ("OIP ModelInfer 256 rows, 8 callers", "Score 256 rows, 8 callers"),
+        "ScoreStream 1 row, 8 streams / Score 1 row, 64 callers": (f"ScoreStream 1 row, {STREAMS} streams", "Score 1 row, 64 callers"),
+    }.items():  # fmt: skip
+        ratios = sorted(x["rows_s"] / y["rows_s"] for x, y in zip(rounds[a], rounds[b]))
+        results[key] = float(np.median(ratios))
+        print(f"  {key}: {results[key]:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+async def _stream_load(stubs, request, seconds: float) -> dict:
+    """STREAMS ScoreStreams sending `request` over and over, each with STREAM_WINDOW messages in flight,
+    for `seconds` after a short warm-up; latency is from a message's send to its reply."""
+    import asyncio
+    import time
+    from collections import deque
+
+    import numpy as np
+
+    latencies: list[float] = []
+    state = {"measure": False, "stop": False}
+
+    async def stream(stub):
+        slots, sent = asyncio.Semaphore(STREAM_WINDOW), deque()
+
+        async def requests():
+            while not state["stop"]:
+                await slots.acquire()
+                sent.append(time.perf_counter())
+                yield request
+
+        async for reply in stub.ScoreStream(requests()):
+            if reply.WhichOneof("result") != "score":
+                raise RuntimeError(f"ScoreStream answered {reply.error.message}")
+            start = sent.popleft()
+            if state["measure"]:
+                latencies.append(time.perf_counter() - start)
+            slots.release()  # once stopped, the requests end when the last reply is in, and so does the stream
+
+    tasks = [asyncio.ensure_future(stream(stubs[i % len(stubs)])) for i in range(STREAMS)]
+    await asyncio.sleep(min(0.5, seconds / 4))
+    state["measure"] = True
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    state["stop"] = True
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    lat = np.asarray(latencies) * 1000
+    return {"req_s": len(lat) / elapsed, "rows_s": len(lat) / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
 
 
 def _median_round(rounds: list[dict]) -> dict:
