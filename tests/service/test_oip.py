@@ -263,3 +263,21 @@ def test_statistics_and_metrics(server, triton, rows):
     key = ("vaeserve_requests_total", (("code", "OK"), ("method", "ModelInfer"), ("model", "ppca")))
     assert after[key] - before.get(key, 0) == 1
     assert {m.name for m in triton.get_model_repository_index().models} >= {"vae", "vae.embed", "cvae.generate", "ppca.decode"}
+
+
+def test_the_docs_example_runs(server, client, rows, capsys):
+    """docs/api.md's tritonclient example, as written, against the test server's `vae` for `digits`."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text[text.index("## Open Inference Protocol"):]
+    example = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 3)]
+    example = example.replace("localhost:50051", server.target).replace('"digits"', '"vae"')
+    x = rows[0][:8]
+    namespace = {"rows": x}
+    exec(example, namespace)
+    result = namespace["result"]
+    expected = client.score("vae", x, iw_samples=64)
+    np.testing.assert_allclose(result.as_numpy("neg_iw"), expected.neg_iw, rtol=0, atol=1e-6)
+    printed = capsys.readouterr().out.split("\n")
+    assert len([line for line in printed if line.startswith("[")]) == len(x)  # one answer per streamed row
