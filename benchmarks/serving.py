@@ -52,8 +52,9 @@ async def _channels(target: str):
             await channel.close()
 
 
-async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
-    """`callers` loops calling one of `calls` (round robin) back to back for `seconds` after a short warm-up."""
+async def _measure(workers, seconds: float, rows: int = 1) -> dict:
+    """Run the coroutines workers(state, latencies) make until state["stop"], measuring for `seconds` after
+    a short warm-up; each appends a call's latency in seconds while state["measure"]."""
     import asyncio
     import time
 
@@ -61,15 +62,7 @@ async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
 
     latencies: list[float] = []
     state = {"measure": False, "stop": False}
-
-    async def caller(call):
-        while not state["stop"]:
-            start = time.perf_counter()
-            await call()
-            if state["measure"]:
-                latencies.append(time.perf_counter() - start)
-
-    tasks = [asyncio.ensure_future(caller(calls[i % len(calls)])) for i in range(callers)]
+    tasks = [asyncio.ensure_future(worker) for worker in workers(state, latencies)]
     await asyncio.sleep(min(0.5, seconds / 4))
     state["measure"] = True
     start = time.perf_counter()
@@ -80,6 +73,21 @@ async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
     lat = np.asarray(latencies) * 1000
     return {"req_s": len(lat) / elapsed, "rows_s": len(lat) * rows / elapsed,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+
+
+async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
+    """`callers` loops calling one of `calls` (round robin) back to back for `seconds` after a short warm-up."""
+    import time
+
+    async def caller(call, state, latencies):
+        while not state["stop"]:
+            start = time.perf_counter()
+            await call()
+            if state["measure"]:
+                latencies.append(time.perf_counter() - start)
+
+    return await _measure(lambda state, latencies: [caller(calls[i % len(calls)], state, latencies) for i in range(callers)],
+                          seconds, rows)  # fmt: skip
 
 
 async def _echo_server(port: int):
@@ -282,12 +290,7 @@ async def _stream_load(stubs, request, seconds: float) -> dict:
     import time
     from collections import deque
 
-    import numpy as np
-
-    latencies: list[float] = []
-    state = {"measure": False, "stop": False}
-
-    async def stream(stub):
+    async def stream(stub, state, latencies):
         slots, sent = asyncio.Semaphore(STREAM_WINDOW), deque()
 
         async def requests():
@@ -304,17 +307,8 @@ async def _stream_load(stubs, request, seconds: float) -> dict:
                 latencies.append(time.perf_counter() - start)
             slots.release()  # once stopped, the requests end when the last reply is in, and so does the stream
 
-    tasks = [asyncio.ensure_future(stream(stubs[i % len(stubs)])) for i in range(STREAMS)]
-    await asyncio.sleep(min(0.5, seconds / 4))
-    state["measure"] = True
-    start = time.perf_counter()
-    await asyncio.sleep(seconds)
-    state["stop"] = True
-    elapsed = time.perf_counter() - start
-    await asyncio.gather(*tasks)
-    lat = np.asarray(latencies) * 1000
-    return {"req_s": len(lat) / elapsed, "rows_s": len(lat) / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+    return await _measure(lambda state, latencies: [stream(stubs[i % len(stubs)], state, latencies) for i in range(STREAMS)],
+                          seconds)  # fmt: skip
 
 
 def _median_round(rounds: list[dict]) -> dict:
