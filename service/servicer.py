@@ -170,4 +170,7 @@ def metadata(model: ServedModel) -> pb.ModelMetadata:
         opset=m.opset,
         manifest_json=json.dumps(m.to_dict()),
         support=pb.Support(low=m.support.low.tolist(), high=m.support.high.tolist()),
+        limits=pb.Limits(max_rows=model.settings.max_rows, max_request_values=model.settings.max_request_values,
+                         max_iw_samples=model.settings.max_iw_samples,
+                         max_posterior_samples=model.settings.max_posterior_samples),  # fmt: skip
     )

@@ -54,6 +54,8 @@ def test_list_and_get_model(client, references):
         assert list(meta.labels) == (ref.labels if name == "cvae" else [])
         np.testing.assert_array_equal(meta.support.low, ref.manifest.support.low)
         np.testing.assert_array_equal(meta.support.high, ref.manifest.support.high)
+        assert (meta.limits.max_rows, meta.limits.max_iw_samples) == (1000, 256)  # the session server's
+        assert meta.limits.max_request_values > 0 and meta.limits.max_posterior_samples > 0
 
 
 @pytest.mark.parametrize("name", MODELS)

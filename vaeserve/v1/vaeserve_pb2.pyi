@@ -265,7 +265,7 @@ class Support(_message.Message):
     def __init__(self, low: _Optional[_Iterable[float]] = ..., high: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "kind", "arch", "latent_dim", "likelihood", "features", "feature_names", "image_shape", "labels", "class_prior", "normalization", "thresholds", "encoder", "decoder", "opset", "manifest_json", "support", "score")
+    __slots__ = ("name", "version", "kind", "arch", "latent_dim", "likelihood", "features", "feature_names", "image_shape", "labels", "class_prior", "normalization", "thresholds", "encoder", "decoder", "opset", "manifest_json", "support", "score", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +285,7 @@ class ModelMetadata(_message.Message):
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: str
@@ -304,4 +305,17 @@ class ModelMetadata(_message.Message):
     manifest_json: str
     support: Support
     score: GraphInfo
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., arch: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., class_prior: _Optional[_Iterable[float]] = ..., normalization: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., encoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., decoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ..., support: _Optional[_Union[Support, _Mapping]] = ..., score: _Optional[_Union[GraphInfo, _Mapping]] = ...) -> None: ...
+    limits: Limits
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., arch: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., class_prior: _Optional[_Iterable[float]] = ..., normalization: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., encoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., decoder: _Optional[_Union[GraphInfo, _Mapping]] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ..., support: _Optional[_Union[Support, _Mapping]] = ..., score: _Optional[_Union[GraphInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_rows", "max_request_values", "max_iw_samples", "max_posterior_samples")
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSTERIOR_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    max_rows: int
+    max_request_values: int
+    max_iw_samples: int
+    max_posterior_samples: int
+    def __init__(self, max_rows: _Optional[int] = ..., max_request_values: _Optional[int] = ..., max_iw_samples: _Optional[int] = ..., max_posterior_samples: _Optional[int] = ...) -> None: ...
