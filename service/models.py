@@ -82,6 +82,13 @@ class ServedModel:
         self._label_index = {name: i for i, name in enumerate(self.label_names)}
         self.conditional = m.conditional
         self.threshold = m.thresholds.default
+        self._version_label = str(self.version)
+        self._scored = metrics.SCORED_ROWS.labels(self.name, self._version_label)
+        self._anomalous = metrics.ANOMALOUS_ROWS.labels(self.name, self._version_label)
+        calibration = m.thresholds.quantiles.get("neg_elbo", {})
+        self._levels = [q for q in metrics.QUANTILE_LEVELS if str(q) in calibration]  # what the manifest holds
+        self._level_values = np.array([calibration[str(q)] for q in self._levels])
+        self._anomaly_score = metrics.ANOMALY_SCORE.labels(self.name, self._version_label)
         self.encoder, self.decoder = model.encoder, model.decoder
         config = BatcherConfig(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0, settings.max_queue_size,
                                settings.max_request_values, QUEUED_REQUESTS_OF_WORK * settings.max_request_values)  # fmt: skip
@@ -116,6 +123,7 @@ class ServedModel:
         then to the decoder): a version leaving service waits until none is inside."""
         self._users += 1
         self._idle.clear()
+        metrics.SERVED_VERSION.set(self._version_label)  # for the call's request metrics
         try:
             yield self
         finally:
@@ -242,7 +250,18 @@ class ServedModel:
         feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
         threshold = self.threshold if threshold is None else float(threshold)
-        return ScoreResult(scores, threshold, scores.flagged(threshold))
+        result = ScoreResult(scores, threshold, scores.flagged(threshold))
+        self._count_scores(result)
+        return result
+
+    def _count_scores(self, result: ScoreResult) -> None:
+        """The anomaly metrics: rows scored and flagged, and each row's calibration quantile level (the
+        smallest level whose calibration -ELBO it does not exceed; 1 above them all)."""
+        self._scored.inc(len(result.is_anomaly))
+        self._anomalous.inc(int(np.count_nonzero(result.is_anomaly)))
+        if self._levels:
+            index = np.searchsorted(self._level_values, result.scores.neg_elbo, side="left")
+            metrics.observe_levels(self._anomaly_score, np.append(self._levels, 1.0)[index])
 
     def _score_work(self, rows: int, key: tuple) -> int:
         """Linear in rows, so the work of one row per key is kept: the batcher asks several times per request."""
@@ -526,13 +545,16 @@ class ModelRegistry:
 
 
 def _update_model_info(before: list[ServedModel], after: list[ServedModel]) -> None:
-    """One MODEL_INFO child per served graph. Prometheus' multiprocess mode cannot remove a child: there a
-    version that left reads 0."""
-    served = {labels for model in after for labels in model.info_labels()}
-    for labels in served:
-        metrics.MODEL_INFO.labels(*labels).set(1)
-    for labels in {labels for model in before for labels in model.info_labels()} - served:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            metrics.MODEL_INFO.labels(*labels).set(0)
-        else:
-            metrics.MODEL_INFO.remove(*labels)
+    """One MODEL_INFO child per served graph, one EXPECTED_ANOMALY_RATE child per served version.
+    Prometheus' multiprocess mode cannot remove a child: there a version that left reads 0."""
+    for gauge, children in ((metrics.MODEL_INFO, lambda m: {labels: 1.0 for labels in m.info_labels()}),
+                            (metrics.EXPECTED_ANOMALY_RATE,
+                             lambda m: {(m.name, str(m.version)): m.manifest.thresholds.target_false_positive_rate})):  # fmt: skip
+        served = {labels: value for model in after for labels, value in children(model).items()}
+        for labels, value in served.items():
+            gauge.labels(*labels).set(value)
+        for labels in {labels for model in before for labels in children(model)} - served.keys():
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                gauge.labels(*labels).set(0)
+            else:
+                gauge.remove(*labels)

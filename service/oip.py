@@ -11,14 +11,18 @@ Each served model is five inference models, one per operation (docs/api.md has t
     <model>.generate     Generate     count INT64 [1], or labels for a conditional model
 
 Their versions are the model's. Options are request parameters (threshold, iw_samples, per_feature,
-posterior_samples, seed, temperature; a number may come as text); an unknown one is INVALID_ARGUMENT. Inputs come in
+posterior_samples, seed, temperature; threshold and temperature may come as text); an unknown one is
+INVALID_ARGUMENT, and so are Triton's sequence parameters; `priority` is ignored and `timeout`
+(microseconds) shortens the call's deadline. Inputs come in
 raw_input_contents or typed contents, outputs go out in raw_output_contents (which is what tritonclient
 decodes). Requesting outputs picks among the operation's outputs, and asking for neg_iw or
 per_feature computes them.
 """
 
+import asyncio
 import contextlib
 import functools
+import re
 import struct
 import time
 import weakref
@@ -32,6 +36,7 @@ import vaeserve
 from vaeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from vaeserve.service import convert, status, streams, wire
 from vaeserve.service.models import ModelRegistry, ServedModel, listed, quoted
+from vaeserve.service.servicer import LOADING_MESSAGE
 from vaeserve.service.settings import Settings
 from vaeserve.oip.v2 import predict_pb2 as pb
 from vaeserve.oip.v2 import predict_pb2_grpc as pb_grpc
@@ -94,8 +99,13 @@ class Call:
         return {name: outputs[name] for name in self.requested}
 
 
+LABELS = Spec("labels", "BYTES", (-1,))
+
+
 def _labels_spec(model: ServedModel, optional: bool = False) -> list[Spec]:
-    return [Spec("labels", "BYTES", (-1,), optional)] if model.conditional else []
+    """A conditional model's labels input. Labels sent or left out are the model's to judge, with vaeserve.v1's
+    messages ("model 'd' is unconditional; send no labels")."""
+    return [Spec("labels", "BYTES", (-1,), optional) if optional else LABELS] if model.conditional else []
 
 
 async def _score(call: Call) -> dict[str, np.ndarray]:
@@ -150,7 +160,7 @@ async def _generate(call: Call) -> dict[str, np.ndarray]:
     return call.pick({"x": x, "z": z})
 
 
-def _rows_out(model: ServedModel, *names_widths) -> list[Spec]:
+def _rows_out(*names_widths) -> list[Spec]:
     return [Spec(name, datatype, (-1, *width)) for name, datatype, width in names_widths]
 
 
@@ -160,17 +170,17 @@ OPERATIONS = {
         Operation("", lambda m: [Spec("x", "FP32", (-1, m.features)), *_labels_spec(m, optional=True)], _score_outputs,
                   {"threshold": float, "iw_samples": int, "per_feature": bool}, _score),  # fmt: skip
         Operation("embed", lambda m: [Spec("x", "FP32", (-1, m.features)), *_labels_spec(m)],
-                  lambda m: _rows_out(m, ("mu", "FP32", (m.latent_dim,)), ("logvar", "FP32", (m.latent_dim,)),
+                  lambda m: _rows_out(("mu", "FP32", (m.latent_dim,)), ("logvar", "FP32", (m.latent_dim,)),
                                       ("samples", "FP32", (-1, m.latent_dim))),
                   {"posterior_samples": int, "seed": int}, _embed),  # fmt: skip
         Operation("reconstruct", lambda m: [Spec("x", "FP32", (-1, m.features)), *_labels_spec(m)],
-                  lambda m: _rows_out(m, ("x", "FP32", (m.features,)), ("neg_log_likelihood", "FP64", ()),
+                  lambda m: _rows_out(("x", "FP32", (m.features,)), ("neg_log_likelihood", "FP64", ()),
                                       ("mean_squared_error", "FP64", ())),
                   {}, _reconstruct),  # fmt: skip
         Operation("decode", lambda m: [Spec("z", "FP32", (-1, m.latent_dim)), *_labels_spec(m)],
-                  lambda m: _rows_out(m, ("x", "FP32", (m.features,))), {}, _decode),
+                  lambda m: _rows_out(("x", "FP32", (m.features,))), {}, _decode),
         Operation("generate", lambda m: _labels_spec(m) if m.conditional else [Spec("count", "INT64", (1,))],
-                  lambda m: _rows_out(m, ("x", "FP32", (m.features,)), ("z", "FP32", (m.latent_dim,))),
+                  lambda m: _rows_out(("x", "FP32", (m.features,)), ("z", "FP32", (m.latent_dim,))),
                   {"temperature": float, "seed": int}, _generate, batched=False),  # fmt: skip
     )
 }
@@ -179,15 +189,21 @@ OPERATIONS = {
 def _version(text: str) -> int:
     if text == "":
         return 0
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise InvalidInput(f"model_version: expected a version number or \"\" for the newest, got {quoted(text)}")
     return int(text)
+
+
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+REQUEST_PARAMETERS = {"timeout": int, "priority": int}  # Triton's, on every request: the deadline, and ignored
 
 
 def _parameters(request, op: Operation, name: str) -> dict[str, object]:
     read = {}
     for key, parameter in request.parameters.items():
-        kind = op.parameters.get(key)
+        if key in SEQUENCE_PARAMETERS:
+            raise InvalidInput(f"parameter {key!r}: sequences are not supported; every request stands alone")
+        kind = op.parameters.get(key) or REQUEST_PARAMETERS.get(key)
         if kind is None:
             accepted = f"it takes {listed(sorted(op.parameters))}" if op.parameters else "it takes none"
             raise InvalidInput(f"unknown parameter {quoted(key)} for {quoted(name)}; {accepted}")
@@ -199,8 +215,8 @@ def _parameters(request, op: Operation, name: str) -> dict[str, object]:
             read[key] = value
         elif kind is float and which in ("double_param", "int64_param", "uint64_param"):
             read[key] = float(value)
-        elif kind is float and which == "string_param" and _number(value) is not None:
-            read[key] = _number(value)  # tritonclient 2.41 sends no float parameters, only text
+        elif kind is float and which == "string_param" and (number := _number(value)) is not None:
+            read[key] = number  # tritonclient 2.41 sends no float parameters, only text
         else:
             wanted = {bool: "a bool", int: "a non-negative integer", float: "a number"}[kind]
             raise InvalidInput(f"parameter {quoted(key)}: expected {wanted}, got {which or 'no value'} {value!r}")
@@ -211,25 +227,31 @@ def _parameters(request, op: Operation, name: str) -> dict[str, object]:
     return read
 
 
+NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
 def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
+    """A decimal number written out ("4.5", "-1e3", "inf"), or None (Python's float() also takes "1_0", " 1 ")."""
+    return float(text) if NUMBER.fullmatch(text) else None
 
 
-def _strings(data: bytes, what: str) -> list[str]:
-    """BYTES raw contents: each element a 4-byte little-endian length, then its bytes."""
+def _strings(data: bytes, count: int, what: str) -> list[bytes]:
+    """`count` elements of BYTES raw contents: each a 4-byte little-endian length, then its bytes. Reads no
+    further than `count` elements, so a request cannot make the loop walk megabytes of tiny elements."""
+    if len(data) < 4 * count:
+        raise InvalidInput(f"{what}: {count} elements need at least {4 * count} bytes of raw BYTES contents, got {len(data)}")
     out, offset = [], 0
-    while offset < len(data):
+    for _ in range(count):
         if offset + 4 > len(data):
-            raise InvalidInput(f"{what}: raw BYTES contents end inside an element's length")
+            raise InvalidInput(f"{what}: raw BYTES contents end inside element {len(out)}'s length")
         (length,) = struct.unpack_from("<I", data, offset)
         offset += 4
         if offset + length > len(data):
             raise InvalidInput(f"{what}: element {len(out)} says {length} bytes, only {len(data) - offset} follow")
         out.append(data[offset:offset + length])
         offset += length
+    if offset != len(data):
+        raise InvalidInput(f"{what}: {len(data) - offset} bytes of raw BYTES contents after its {count} elements")
     return out
 
 
@@ -254,7 +276,7 @@ def _read_input(tensor, raw: bytes | None, spec: Spec, model: ServedModel):
             raise InvalidInput(f"{what}: expected shape [rows] or [rows, 1], got {list(shape)}")
         if shape[0] > model.settings.max_rows:
             raise InvalidInput(f"{what}: {shape[0]} labels is more than the limit of {model.settings.max_rows} per request")
-        values = _strings(raw, what) if raw is not None else list(contents)
+        values = _strings(raw, shape[0], what) if raw is not None else list(contents)
         if len(values) != shape[0]:
             raise InvalidInput(f"{what}: shape {list(shape)} holds {shape[0]} elements, got {len(values)}")
         return _text(values, what)
@@ -281,15 +303,18 @@ def _read_inputs(request, specs: list[Spec], model: ServedModel, name: str) -> d
         raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order")
     inputs = {}
     for i, tensor in enumerate(request.inputs):
-        spec = by_name.get(tensor.name)
+        spec = by_name.get(tensor.name) or (LABELS if tensor.name == "labels" else None)  # the model judges labels
         if spec is None:
             raise InvalidInput(f"unknown input {quoted(tensor.name)} for {quoted(name)}; it takes {listed(by_name)}")
+        if tensor.parameters:
+            raise InvalidInput(f"input {tensor.name!r}: parameters {listed(sorted(tensor.parameters))} are not supported "
+                               "(no shared memory); send the values in raw_input_contents or contents")  # fmt: skip
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is sent twice")
         if raw and tensor.HasField("contents"):
             raise InvalidInput(f"input {tensor.name!r} has contents beside raw_input_contents; send one or the other")
         inputs[tensor.name] = _read_input(tensor, raw[i] if raw else None, spec, model)
-    missing = [spec.name for spec in specs if spec.name not in inputs and not spec.optional]
+    missing = [spec.name for spec in specs if spec.name not in inputs and not spec.optional and spec is not LABELS]
     if missing:
         raise InvalidInput(f"{quoted(name)} needs input {missing[0]!r}; it takes {listed(by_name)}")
     return inputs
@@ -357,13 +382,18 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return frozenset() if self.registry is None else self.registry.names
 
     def _resolve(self, name: str) -> tuple[str, Operation]:
-        """(model, operation) for an inference model name: a served model's own name is its Score."""
-        if name in self.model_names or "." not in name:
-            return name, OPERATIONS[""]
+        """(model, operation) for an inference model name. A served model's own name is its Score, also
+        where it reads like another's operation (models `d` and `d.embed`: `d.embed` is the second's Score)."""
         model, _, suffix = name.rpartition(".")
-        if suffix in OPERATIONS and model in self.model_names:
+        if name not in self.model_names and suffix and suffix in OPERATIONS and model in self.model_names:
             return model, OPERATIONS[suffix]
-        return name, OPERATIONS[""]  # not served: the registry says so, listing what is
+        return name, OPERATIONS[""]  # served, or not: then the registry says so, listing what is
+
+    def _inference_models(self) -> list[tuple[str, ServedModel]]:
+        """Every inference model name with the version it names, as _resolve reads them."""
+        models = self.registry.all() if self.registry else []
+        names = [(f"{m.name}.{suffix}" if suffix else m.name, m) for m in models for suffix in OPERATIONS]
+        return sorted(((name, m) for name, m in names if self._resolve(name)[0] == m.name), key=lambda item: (item[0], item[1].version))
 
     def model_label(self, request) -> str:
         """The inference model a request names, for the metrics: "" unless it is served."""
@@ -372,21 +402,21 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> tuple[contextlib.AbstractContextManager[ServedModel], Operation]:
         if self.registry is None:
-            raise ModelNotReady("the server is still loading its models; retry shortly")
+            raise ModelNotReady(LOADING_MESSAGE)
         model, op = self._resolve(name)
         return self.registry.get(model, _version(version)).in_use(), op
 
     # Health and metadata.
 
-    @status.rpc
+    @status.probe
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    @status.rpc
+    @status.probe
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.ready and self.registry is not None and status.accepting())
 
-    @status.rpc
+    @status.probe
     async def ModelReady(self, request, context):
         try:
             held, _ = self._model(request.name, request.version)
@@ -445,9 +475,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with held as model:
                 keys = [(request.name, model.version)]
         else:
-            keys = [(f"{m.name}.{op}" if op else m.name, m.version) for m in self.registry.all() for op in OPERATIONS] if self.registry else []
+            keys = [(name, m.version) for name, m in self._inference_models()]
         stats = []
-        for name, version in sorted(keys):
+        for name, version in keys:
             s = self._stats.get((name, version), _Stats())
             stats.append(pb.ModelStatistics(
                 name=name, version=str(version), last_inference=s.last_ms, inference_count=s.rows,
@@ -459,10 +489,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @status.rpc
     async def RepositoryIndex(self, request, context):
-        models = self.registry.all() if self.registry else []
-        index = [pb.RepositoryIndexResponse.ModelIndex(name=f"{m.name}.{op}" if op else m.name, version=str(m.version), state="READY")
-                 for m in models for op in OPERATIONS]  # fmt: skip
-        return pb.RepositoryIndexResponse(models=sorted(index, key=lambda i: (i.name, int(i.version))))
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(name=name, version=str(m.version), state="READY")
+                                                  for name, m in self._inference_models()])  # fmt: skip
 
     # Inference.
 
@@ -480,8 +508,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             start, rows = time.perf_counter_ns(), None
             try:
                 inputs, outputs, datatypes = self._tensors(model, op)
-                call = Call(model, _read_inputs(request, inputs, model, name), _parameters(request, op, name),
-                            _requested(request, outputs, name), status.deadline(context))  # fmt: skip
+                parameters = _parameters(request, op, name)
+                call = Call(model, _read_inputs(request, inputs, model, name), parameters, _requested(request, outputs, name),
+                            _deadline(context, parameters.pop("timeout", None)))  # fmt: skip
                 answer = await op.run(call)
                 rows = len(next(iter(answer.values())))
                 return _respond(name, request, call, answer, datatypes)
@@ -508,17 +537,25 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def reply(request, outcome: status.Outcome) -> pb.ModelStreamInferResponse:
             if outcome.code == OK:
                 return pb.ModelStreamInferResponse(infer_response=outcome.value)
-            reply = pb.ModelStreamInferResponse(error_message=outcome.message)
+            failed = pb.ModelStreamInferResponse(error_message=outcome.message)
             if not isinstance(request, wire.Undecodable):
-                reply.infer_response.model_name, reply.infer_response.id = request.model_name, request.id
-                reply.infer_response.model_version = request.model_version
-            reply.infer_response.parameters["code"].string_param = outcome.code.name
-            return reply
+                failed.infer_response.model_name, failed.infer_response.id = request.model_name, request.id
+                failed.infer_response.model_version = request.model_version
+            failed.infer_response.parameters["code"].string_param = outcome.code.name
+            return failed
 
         async for response in streams.serve(request_iterator, context, self._stream, self.model_label,
-                                            lambda request: self._run(request, context), reply,
-                                            self.settings.stream_window):  # fmt: skip
+                                            lambda request: self._run(request, context), reply, self.settings):  # fmt: skip
             yield response
+
+
+def _deadline(context, timeout_us: int | None) -> float | None:
+    """The call's deadline, or sooner when the request's `timeout` parameter (microseconds) says so."""
+    deadline = status.deadline(context)
+    if timeout_us is None:
+        return deadline
+    asked = asyncio.get_running_loop().time() + timeout_us / 1e6
+    return asked if deadline is None else min(deadline, asked)
 
 
 def _tensor_metadata(spec: Spec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -527,4 +564,4 @@ def _tensor_metadata(spec: Spec) -> pb.ModelMetadataResponse.TensorMetadata:
 
 def add_to_server(server: grpc.aio.Server, servicer: OpenInferenceServicer) -> None:
     wire.add_service(server, pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer,
-                     pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], name=SERVICE_NAME)  # fmt: skip
+                     pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], served_as=SERVICE_NAME)  # fmt: skip

@@ -163,7 +163,7 @@ class Server:
                 f"{self.receive_limit:,} and {self.send_limit:,} this server started with; restart the server to serve it")
 
     async def _set_health(self, status) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
             await self.health.set(service, status)
         self.oip.ready = status == health_pb2.HealthCheckResponse.SERVING
 

@@ -18,13 +18,13 @@ from vaeserve.v1 import vaeserve_pb2 as pb
 from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
 
 LOADING_MESSAGE = "the server is still loading its models; retry shortly"
-_SCORE_STREAM = status.Calls("ScoreStream")  # each message of a stream is counted and timed as a call
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry: ModelRegistry | None = None
+        self._score_stream = status.Calls("ScoreStream")  # each message of a stream is counted and timed as a call
 
     def serve(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -85,9 +85,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return pb.ScoreStreamResponse(error=pb.Error(code=outcome.code.value[0], message=outcome.message))
             return pb.ScoreStreamResponse(score=outcome.value)
 
-        async for response in streams.serve(requests, context, _SCORE_STREAM, self.model_label,
+        async for response in streams.serve(requests, context, self._score_stream, self.model_label,
                                             lambda request: self._score(request, status.deadline(context)), reply,
-                                            self.settings.stream_window):  # fmt: skip
+                                            self.settings):  # fmt: skip
             yield response
 
     async def _score(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:

@@ -70,6 +70,11 @@ class Settings:
         "this, counting calls not yet handled and health); 0 = max_batch_size + 128: a batch of single-row calls "
         "and room for others; the fewer calls held, the less memory and queueing an overload costs", 0,
     )
+    max_streams: int = _setting(
+        0, "streams (ScoreStream, ModelStreamInfer) open at once; more are refused RESOURCE_EXHAUSTED at open. Each "
+        "holds one of gRPC's concurrent calls while open, idle or not; 0 = a third of gRPC's limit (2 x "
+        "max_concurrent_rpcs), 256 with the defaults", 0,
+    )
     stream_window: int = _setting(
         64, "messages of one stream (ScoreStream, ModelStreamInfer) in flight at once; the stream's next message "
         "is read when one is answered", 1,
@@ -125,6 +130,10 @@ class Settings:
     @property
     def concurrent_rpcs(self) -> int:
         return self.max_concurrent_rpcs or self.max_batch_size + 128
+
+    @property
+    def streams(self) -> int:
+        return self.max_streams or max(1, 2 * self.concurrent_rpcs // 3)
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)

@@ -121,24 +121,26 @@ class Calls:
     messages of a stream, each counted as a call of its own.
 
     The `model` label is the model the caller named when the server serves it, else "" so that unknown
-    names sent by callers cannot grow the label set.
+    names sent by callers cannot grow the label set; `version` is the version that answered ("" when none did).
     """
 
     def __init__(self, method: str):
         self.method = method
         # Label children looked up once per label set (a handful: served models, "", status codes).
-        self._requests = functools.cache(lambda model, code: metrics.REQUESTS.labels(method, model, code))
-        self._latency = functools.cache(lambda model: metrics.REQUEST_LATENCY.labels(method, model))
+        self._requests = functools.cache(lambda model, version, code: metrics.REQUESTS.labels(method, model, version, code))
+        self._latency = functools.cache(lambda model, version: metrics.REQUEST_LATENCY.labels(method, model, version))
         self._rejected = functools.cache(lambda reason: metrics.REJECTED.labels(reason))
 
-    async def run(self, model: str, call: Callable[[], Awaitable], remaining: float | None) -> Outcome:
-        """Admit and await call(); a domain error becomes its status code and message, anything else
-        INTERNAL with a fixed message (the traceback goes to the log). Cancellation propagates."""
+    async def run(self, model: str, call: Callable[[], Awaitable], remaining: float | None, admit: bool = True) -> Outcome:
+        """Admit (unless not `admit`) and await call(); a domain error becomes its status code and message,
+        anything else INTERNAL with a fixed message (the traceback goes to the log). Cancellation propagates."""
         memory.rpc_started()
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        served = metrics.SERVED_VERSION.set("")
         try:
-            _admit(remaining)
+            if admit:
+                _admit(remaining)
             return Outcome(code, "", await call())
         except VaeserveError as err:
             code = status_of(err)
@@ -154,21 +156,30 @@ class Calls:
             code = grpc.StatusCode.INTERNAL
             return Outcome(code, INTERNAL_MESSAGE, None)
         finally:
-            self._requests(model, code.name).inc()
-            self._latency(model).observe(time.perf_counter() - start)
+            version = metrics.SERVED_VERSION.get() if model else ""
+            metrics.SERVED_VERSION.reset(served)
+            self._requests(model, version, code.name).inc()
+            self._latency(model, version).observe(time.perf_counter() - start)
             memory.rpc_finished(asyncio.get_running_loop())
 
 
-def rpc(method):
+def rpc(method, admit: bool = True):
     """Wrap a unary servicer method with Calls: an error is the call's status. The servicer's
     `model_label(request)` names the model for the metrics."""
     calls = Calls(method.__name__)
 
     @functools.wraps(method)
     async def handler(self, request, context):
-        outcome = await calls.run(self.model_label(request), lambda: method(self, request, context), context.time_remaining())
+        outcome = await calls.run(self.model_label(request), lambda: method(self, request, context), context.time_remaining(),
+                                  admit)  # fmt: skip
         if outcome.code != grpc.StatusCode.OK:
             await context.abort(outcome.code, outcome.message)
         return outcome.value
 
     return handler
+
+
+def probe(method):
+    """rpc for a probe (is the server live, ready): counted, never refused, neither for the load nor the
+    drain (a liveness probe refused under load would restart a busy server), and no drain refusal."""
+    return rpc(method, admit=False)

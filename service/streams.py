@@ -16,7 +16,7 @@ from typing import TypeVar
 import grpc
 
 from vaeserve.errors import InvalidInput
-from vaeserve.service import status, wire
+from vaeserve.service import metrics, status, wire
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
@@ -77,13 +77,20 @@ async def answer_in_order(requests: AsyncIterator[Request], answer: Callable[[Re
 
 async def serve(requests: AsyncIterator, context, calls: status.Calls, label: Callable[[Request], str],
                 handle: Callable[[Request], Awaitable], reply: Callable[[Request, status.Outcome], Reply],
-                window: int) -> AsyncIterator[Reply]:  # fmt: skip
+                settings) -> AsyncIterator[Reply]:  # fmt: skip
     """A stream handler: each message is a call of `calls` (named label(message) in the metrics) whose
-    value is handle(message), answered with reply(message, outcome), in order. A message whose bytes did
-    not decode is INVALID_ARGUMENT, logged as unary ones are. Refused with UNAVAILABLE at open while the
-    server drains; ended with it when the drain begins."""
+    value is handle(message), answered with reply(message, outcome), in order, settings.stream_window at
+    once. A message whose bytes did not decode is INVALID_ARGUMENT, logged as unary ones are. Refused at
+    open with UNAVAILABLE while the server drains, and with RESOURCE_EXHAUSTED beyond settings.streams
+    open streams (each holds one of gRPC's concurrent RPCs for as long as it is open: idle feeds must not
+    take them all); ended with UNAVAILABLE when the drain begins."""
+    global _open
     if not status.accepting():
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(status.refuse_draining()))
+    if _open >= settings.streams:
+        metrics.REJECTED.labels("overloaded").inc()
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the server holds {_open} open streams, its max_streams; retry later")  # fmt: skip
 
     async def undecodable(message: wire.Undecodable):
         wire.note_undecodable(calls.method)
@@ -94,8 +101,16 @@ async def serve(requests: AsyncIterator, context, calls: status.Calls, label: Ca
             return reply(message, await calls.run("", lambda: undecodable(message), None))
         return reply(message, await calls.run(label(message), lambda: handle(message), context.time_remaining()))
 
+    _open += 1
+    metrics.OPEN_STREAMS.inc()
     try:
-        async for response in answer_in_order(requests, answer, window):
+        async for response in answer_in_order(requests, answer, settings.stream_window):
             yield response
     except Draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE, status.DRAINING_MESSAGE)
+    finally:
+        _open -= 1
+        metrics.OPEN_STREAMS.dec()
+
+
+_open = 0  # streams open in this process

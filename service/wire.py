@@ -73,7 +73,7 @@ def _guard(full_method: str, handler: grpc.RpcMethodHandler, type_name: str) -> 
         async def guarded(request, context):
             if isinstance(request, Undecodable):
                 _undecodable_log.note(full_method)
-                metrics.REQUESTS.labels(method, "", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+                metrics.REQUESTS.labels(method, "", "", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behavior(request, context)
 
@@ -97,16 +97,16 @@ class _Recorder:
         self.services.append((service, handlers))
 
 
-def add_service(server: grpc.aio.Server, register, servicer, descriptor, name: str | None = None) -> None:
+def add_service(server: grpc.aio.Server, register, servicer, descriptor, served_as: str | None = None) -> None:
     """`register(servicer, server)` (a generated add_*Servicer_to_server) with every method guarded;
     `descriptor` (the service's protobuf ServiceDescriptor) names the request types. `name` serves it
-    under another service name than its proto's (the path clients call: /<name>/<method>)."""
+    under another service name than its proto's (`served_as`: the path clients call is /<served_as>/<method>)."""
     recorder = _Recorder()
     register(servicer, recorder)
     if not recorder.services:
         raise RuntimeError(f"{register.__name__} registered no method handlers: the generated code is not what wire expects")
     for service, handlers in recorder.services:
-        service = name or service
+        service = served_as or service
         guarded = {
             name: _guard(f"/{service}/{name}", handler, descriptor.methods_by_name[name].input_type.full_name)
             for name, handler in handlers.items()

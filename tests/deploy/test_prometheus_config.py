@@ -9,7 +9,7 @@ import grpc
 import yaml
 
 from deploy_support import DEPLOY, ROOT, exported_metric_names, prometheus_tool, promql_metric_names
-from vaeserve.service import status
+from vaeserve.service import metrics, status
 
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS_YML = DEPLOY / "prometheus" / "alerts.yml"
@@ -29,7 +29,7 @@ def test_promtool_check_config():
 
 def test_promtool_check_rules():
     out = promtool("check", "rules", str(ALERTS_YML))
-    assert "SUCCESS: 8 rules found" in out
+    assert "SUCCESS: 9 rules found" in out
 
 
 def test_alert_rules_unit_tests():
@@ -46,7 +46,10 @@ def test_alerts_cover_errors_latency_queue_readiness_and_loads():
     assert set(rules) == {
         "VaeserveHighErrorRatio", "VaeserveHighLatencyP99", "VaeserveQueueRejecting", "VaeserveQueueSaturated",
         "VaeserveModelLoadFailed", "VaeserveTargetDown", "VaeserveNoReadyReplicas", "VaeservePodNotReady",
+        "VaeserveAnomalyRateDrift",
     }  # fmt: skip
+    drift = rules["VaeserveAnomalyRateDrift"]["expr"]
+    assert 'le="0.99"' in drift and "vaeserve_anomaly_score_count" in drift and "0.99" in map(str, metrics.QUANTILE_LEVELS)
     assert "histogram_quantile(0.99" in rules["VaeserveHighLatencyP99"]["expr"]
     # vaeserve_rejected_total{reason="overloaded"} counts the RESOURCE_EXHAUSTED answers of full queues,
     # which vaeserve_requests_total counts too, by model: this alert covers them, no second one needed.
@@ -98,6 +101,9 @@ def test_dashboard_shows_what_the_issue_asks():
     assert "vaeserve_pending_requests" in by_title["Pending requests"][0]
     assert "vaeserve_rejected_total" in by_title["Calls rejected before compute"][0]
     assert "vaeserve_model_loads_total" in by_title["Model version loads"][0]
+    flagged = " ".join(by_title["Anomaly rate vs calibrated"])
+    assert "vaeserve_anomalous_rows_total" in flagged and "vaeserve_expected_anomaly_rate" in flagged
+    assert all("vaeserve_anomaly_score_bucket" in e for e in by_title["Rows above calibration quantiles"])
 
 
 def test_dashboard_is_importable_grafana_json():

@@ -151,6 +151,8 @@ def test_prometheus_counts_every_request(prometheus, sent):
         ("Embed", "ppca", "OK"): EMBED_REQUESTS,
         ("Score", "vae", "INVALID_ARGUMENT"): BAD_REQUESTS,
     }
+    versions = {s["metric"]["version"] for s in prometheus.query('vaeserve_requests_total{job="vaeserve"}')}
+    assert versions == {"1"}  # every call here reached version 1, the bad one too (its model and version exist)
     # The histogram's buckets are cumulative: +Inf holds every request, and time was spent.
     inf = prometheus.query('sum(vaeserve_request_latency_seconds_bucket{job="vaeserve", le="+Inf"})')
     assert scalar(inf) == TOTAL
@@ -173,7 +175,7 @@ def test_alert_rules_evaluate_on_live_series(prometheus, sent):
     while not evaluated(groups := prometheus.get("/api/v1/rules")["groups"]) and time.monotonic() < end:
         time.sleep(0.25)
     rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
-    assert len(rules) == 8
+    assert len(rules) == 9
     for name, rule in rules.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
     # INVALID_ARGUMENT is the caller's fault: no error-ratio alert; nothing else is wrong either,
@@ -200,3 +202,17 @@ def test_every_dashboard_query_runs(prometheus, sent):
     # The server-error ratio reads 0, not "no data": the one failed request was the caller's fault.
     [(ratio_title, ratio)] = [(title, r) for expr, (title, r) in results.items() if "code!~" in expr]
     assert {s["metric"]["model"]: float(s["value"][1]) for s in ratio} == {"vae": 0.0, "ppca": 0.0}, ratio_title
+
+
+def test_prometheus_counts_scored_and_flagged_rows(prometheus, sent, server, digits):
+    from vaeserve.service.client import Client
+
+    rows = SCORE_REQUESTS * 4
+    scored = prometheus.wait_for('sum(vaeserve_scored_rows_total{job="vaeserve", model="vae", version="1"})', lambda r: scalar(r) == rows)
+    assert scalar(scored) == rows
+    flagged = scalar(prometheus.query('sum(vaeserve_anomalous_rows_total{job="vaeserve", model="vae", version="1"})'))
+    assert scalar(prometheus.query('sum(vaeserve_anomaly_score_count{job="vaeserve", model="vae"})')) == rows
+    assert scalar(prometheus.query('vaeserve_expected_anomaly_rate{job="vaeserve", model="vae", version="1"}')) == 0.01
+    data, _, val = digits  # the rows `sent` scored, once more (after the queries): as many flagged each time
+    with Client(server.target) as client:
+        assert flagged == SCORE_REQUESTS * int(client.score("vae", data.x[val][:4].astype(np.float32)).is_anomaly.sum())

@@ -54,8 +54,8 @@ def test_health_and_sigterm_during_load(model_repository, start_server):
 def test_metrics_count_requests(server, client, rows):
     x, labels = rows
 
-    def count(method, model, code="OK"):
-        key = ("vaeserve_requests_total", (("code", code), ("method", method), ("model", model)))
+    def count(method, model, code="OK", version="1"):
+        key = ("vaeserve_requests_total", (("code", code), ("method", method), ("model", model), ("version", version)))
         return server.metrics().get(key, 0.0)
 
     before = {m: count(m, "cvae") for m in ("Score", "Embed")}
@@ -71,7 +71,7 @@ def test_metrics_count_requests(server, client, rows):
     metrics = server.metrics()
     for graph in ("encoder", "decoder", "score"):
         assert metrics[("vaeserve_model_info", (("graph", graph), ("model", "cvae"), ("provider", "CPUExecutionProvider"), ("version", "1")))] == 1
-    assert metrics[("vaeserve_request_latency_seconds_count", (("method", "Score"), ("model", "cvae")))] >= 4
+    assert metrics[("vaeserve_request_latency_seconds_count", (("method", "Score"), ("model", "cvae"), ("version", "1")))] >= 4
     assert ("process_cpu_seconds_total", ()) in metrics
 
 
@@ -192,3 +192,35 @@ def test_open_streams_end_unavailable_at_the_drain_after_their_answers(model_rep
     assert busy[0] > 20 and busy[1:3] == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)  # answered through the notice
     assert idle[0] == 5 and idle[1:3] == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
     assert exit_code == 0 and ended - busy[3] < 10
+
+
+def test_oip_probes_during_the_drain(model_repository, start_server):
+    """ServerReady says false as soon as the drain's notice begins, ServerLive stays true, and neither is
+    refused: a probe must not fail because the server is busy or on its way out."""
+    import time
+
+    from vaeserve.oip.v2 import predict_pb2 as oip_pb
+
+    server = start_server(model_repository, drain_notice_seconds=1.0, drain_seconds=5.0)
+    try:
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            def probe(method, request, response):
+                call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}", request_serializer=request.SerializeToString,
+                                           response_deserializer=response.FromString)  # fmt: skip
+                return call(request, timeout=5)
+
+            def ready():
+                return probe("ServerReady", oip_pb.ServerReadyRequest(), oip_pb.ServerReadyResponse).ready
+
+            assert ready() and server.health("inference.GRPCInferenceService") == SERVING
+            server.process.send_signal(15)
+            for _ in range(100):
+                if server.health() == NOT_SERVING:
+                    break
+                time.sleep(0.02)
+            assert not ready()
+            assert probe("ServerLive", oip_pb.ServerLiveRequest(), oip_pb.ServerLiveResponse).live
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()

@@ -151,6 +151,8 @@ def test_mistakes_get_the_codes_and_messages_of_v1(triton, client, rows):
         (lambda: triton.infer("vae", inputs(x), model_version="9"), lambda: client.score("vae", x, version=9)),
         (lambda: triton.infer("cvae", inputs(x[:2], ["3", "no such"])), lambda: client.score("cvae", x[:2], ["3", "no such"])),
         (lambda: triton.infer("vae", inputs(x), parameters={"threshold": "inf"}), lambda: client.score("vae", x, threshold=float("inf"))),
+        (lambda: triton.infer("vae", inputs(x[:2], ["3", "4"])), lambda: client.score("vae", x[:2], ["3", "4"])),
+        (lambda: triton.infer("cvae.embed", inputs(x[:2])), lambda: client.embed("cvae", x[:2])),
     ]:  # fmt: skip
         assert refusal(sent) == v1_refusal(v1)
     assert refusal(lambda: triton.infer("vae", inputs(wide)))[0] == "StatusCode.INVALID_ARGUMENT"
@@ -161,6 +163,20 @@ def test_mistakes_get_the_codes_and_messages_of_v1(triton, client, rows):
     assert status == "StatusCode.INVALID_ARGUMENT" and "unknown output 'mu'" in message
     status, message = refusal(lambda: triton.infer("vae.embed", inputs(x, name="z")))
     assert status == "StatusCode.INVALID_ARGUMENT" and "unknown input 'z'" in message
+    status, message = refusal(lambda: triton.infer("vae", inputs(x), model_version="\u00b2"))  # a digit, not ASCII
+    assert status == "StatusCode.INVALID_ARGUMENT" and "expected a version number" in message
+    assert refusal(lambda: triton.infer("vae.", inputs(x)))[0] == "StatusCode.NOT_FOUND"
+    status, message = refusal(lambda: triton.infer("vae", inputs(x), sequence_id=3))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "sequences are not supported" in message
+
+
+def test_triton_request_options(triton, client, rows):
+    """priority is accepted and ignored; timeout (microseconds) is the call's deadline."""
+    x, _ = rows
+    expected = client.score("vae", x).neg_elbo
+    result = triton.infer("vae", inputs(x), priority=1, timeout=10_000_000)
+    np.testing.assert_allclose(result.as_numpy("neg_elbo"), expected, rtol=0, atol=1e-6)
+    assert refusal(lambda: triton.infer("vae", inputs(x), timeout=0))[0] == "StatusCode.DEADLINE_EXCEEDED"
 
 
 def test_asyncio_client(server, client, rows):
@@ -234,6 +250,12 @@ def test_typed_contents_and_raw_messages(server, client, rows):
         pb.ModelInferRequest.InferInputTensor(name="labels", datatype="BYTES", shape=[1]),
     ], raw_input_contents=[x[:1].tobytes(), b"\x09\x00\x00\x00ab"])  # fmt: skip
     assert code(broken_label) == (grpc.StatusCode.INVALID_ARGUMENT, "input 'labels': element 0 says 9 bytes, only 2 follow")
+    # 75,000 empty elements for one label (what the receive limit admits): refused without reading past the first.
+    flood = pb.ModelInferRequest(model_name="cvae", inputs=broken_label.inputs, raw_input_contents=[x[:1].tobytes(), bytes(300_000)])
+    assert code(flood) == (grpc.StatusCode.INVALID_ARGUMENT, "input 'labels': 299996 bytes of raw BYTES contents after its 1 elements")
+    shared = pb.ModelInferRequest(model_name="vae", inputs=short.inputs, raw_input_contents=[x[:2].tobytes()])
+    shared.inputs[0].parameters["shared_memory_region"].string_param = "input0"
+    assert code(shared)[0] == grpc.StatusCode.INVALID_ARGUMENT and "not supported (no shared memory)" in code(shared)[1]
     doubled = pb.ModelInferRequest(model_name="vae", inputs=short.inputs, raw_input_contents=[x[:2].tobytes()])
     doubled.parameters["threshold"].double_param = 2.5  # what newer tritonclients send for a float
     assert infer(doubled, timeout=10).parameters["threshold"].double_param == 2.5
@@ -260,7 +282,7 @@ def test_statistics_and_metrics(server, triton, rows):
     assert [(s.name, s.version) for s in stats] == [("ppca", "1")]
     assert stats[0].inference_stats.success.count >= 1 and stats[0].inference_count >= 3 and stats[0].inference_stats.success.ns > 0
     after = server.metrics()
-    key = ("vaeserve_requests_total", (("code", "OK"), ("method", "ModelInfer"), ("model", "ppca")))
+    key = ("vaeserve_requests_total", (("code", "OK"), ("method", "ModelInfer"), ("model", "ppca"), ("version", "1")))
     assert after[key] - before.get(key, 0) == 1
     assert {m.name for m in triton.get_model_repository_index().models} >= {"vae", "vae.embed", "cvae.generate", "ppca.decode"}
 

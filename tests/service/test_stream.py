@@ -15,6 +15,7 @@ from vaeserve.service.client import AsyncClient, Client, StreamError
 from vaeserve.service.client import to_tensor as tensor
 from vaeserve.service.status import DRAINING_MESSAGE
 from vaeserve.v1 import vaeserve_pb2 as pb
+from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
 
 SCORE_STREAM = "/vaeserve.v1.Inference/ScoreStream"
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -271,3 +272,48 @@ def test_the_drain_ends_a_stream_with_unavailable(model_repository, start_server
     finally:
         release.set()
         server.stop()
+
+
+def test_streams_beyond_max_streams_are_refused_at_open_and_probes_are_never_refused(model_repository, start_server, feed):
+    """Idle feeds hold gRPC's concurrent calls: past max_streams a stream is refused at open, and calls and
+    OIP probes still get through while the others stay open."""
+    from vaeserve.oip.v2 import predict_pb2 as oip_pb
+
+    x, _ = feed
+    server = start_server(model_repository, max_streams=2, max_concurrent_rpcs=4)
+    request = pb.ScoreRequest(model="vae", x=tensor(x[:1]))
+    try:
+        server.wait_serving()
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                idle = asyncio.Event()
+
+                async def one_then_idle():
+                    yield request
+                    await idle.wait()
+
+                open_streams = [stub.ScoreStream(one_then_idle()) for _ in range(2)]
+                for call in open_streams:
+                    assert (await call.read()).WhichOneof("result") == "score"
+                refused = stub.ScoreStream(one_then_idle())
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await refused.read()
+                live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                           request_serializer=oip_pb.ServerLiveRequest.SerializeToString,
+                                           response_deserializer=oip_pb.ServerLiveResponse.FromString)  # fmt: skip
+                answered = await stub.Score(request, timeout=10)
+                alive = await live(oip_pb.ServerLiveRequest(), timeout=10)
+                idle.set()  # the feeds end: their streams close
+                for call in open_streams:
+                    assert await call.read() == grpc.aio.EOF
+                return err.value, answered, alive
+
+        err, answered, alive = asyncio.run(scenario())
+        counted = server.metrics()[("vaeserve_rejected_total", (("reason", "overloaded"),))]
+    finally:
+        server.stop()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.details() == "the server holds 2 open streams, its max_streams; retry later"
+    assert len(answered.neg_elbo) == 1 and alive.live and counted >= 1

@@ -282,7 +282,7 @@ def test_fuzz_slice(model_repository, start_server, tmp_path):
         # Undecodable requests are counted under model "" with INVALID_ARGUMENT. ListModels has no other
         # way to be INVALID_ARGUMENT, so its count is the fuzz's; three more raise every method's by three.
         def refused(method):
-            key = ("vaeserve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", method), ("model", "")))
+            key = ("vaeserve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", method), ("model", ""), ("version", "")))
             return server.metrics().get(key, 0.0)
 
         assert refused("ListModels") == codes["ListModels", "INVALID_ARGUMENT"]
