@@ -3,15 +3,30 @@
 Only argparse at import time: torch is imported inside the command."""
 
 import argparse
+import logging
+
+DESCRIPTION = """\
+Export a checkpoint's encoder and decoder as ONNX graphs, check them against torch in ONNX Runtime
+at batch 1, 7 and 256, compose and check the score graph, calibrate anomaly thresholds on the
+checkpoint's held-out rows, and write REPOSITORY/NAME/VERSION/{encoder,decoder,score}.onnx and
+manifest.json. Then it plots the held-out rows' -ELBO against those thresholds into
+CHECKPOINT/plots/thresholds_NAME_vVERSION.png (the path is printed)."""
+
+EPILOG = """\
+examples:
+  vaeserve export runs/digits --repository models --name digits     the next version of models/digits
+  vaeserve export runs/digits --name digits --version 3 --exporter dynamo
+A version is never overwritten: a --version that exists is refused (omit it for the next number).
+Nothing is left behind by a failed export: it writes into a hidden folder and renames it at the end."""
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a checkpoint as a validated ONNX model version",
-        description="Export a checkpoint's encoder and decoder as ONNX graphs, check them against torch in "
-        "ONNX Runtime at batch 1, 7 and 256, calibrate anomaly thresholds on its held-out rows, and write "
-        "REPOSITORY/NAME/VERSION/{encoder.onnx, decoder.onnx, manifest.json}.",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="checkpoint folder written by `vaeserve train`")
     p.add_argument("--repository", default="models", help="model repository root (default: models)")
@@ -23,6 +38,8 @@ def register(subparsers) -> None:
                    "2; more did not rank anomalies better on the anomaly benchmark)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default: torchscript, the faster; both give parity ~2e-7)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=True,
+                   help="skip the thresholds plot in the checkpoint's plots/ folder")
     p.set_defaults(func=run)
 
 
@@ -30,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vaeserve.export.exporter import export_checkpoint
+    from vaeserve.training.checkpoint import load_checkpoint
 
     name = args.name or Path(args.checkpoint).resolve().name
     options = {} if args.elbo_samples is None else {"elbo_samples": args.elbo_samples}
-    version = export_checkpoint(args.checkpoint, args.repository, name, args.version,
+    checkpoint = load_checkpoint(args.checkpoint)
+    version = export_checkpoint(checkpoint, args.repository, name, args.version,
                                 tolerance=args.tolerance, exporter=args.exporter, **options)
     parity = version.manifest.parity
     worst = max(parity.max_abs_diff.values())
@@ -42,4 +61,11 @@ def run(args: argparse.Namespace) -> int:
     thresholds = version.manifest.thresholds
     print(f"exported {version.path} (parity max abs diff {worst:.2g}, {graph}, "
           f"default threshold {thresholds.score} > {thresholds.default:.2f})")
+    if args.plots:
+        from vaeserve.training.plots import plot_thresholds
+
+        try:
+            print(f"thresholds plot: {plot_thresholds(checkpoint, version)}")
+        except OSError as err:  # a read-only checkpoint folder: the version itself is complete
+            logging.getLogger(__name__).warning("thresholds plot not written: %s", err)
     return 0

@@ -2,10 +2,11 @@
 
     weights.pt       model state_dict (the best epoch by validation ELBO)
     config.json      {"model": ModelConfig, "data": DataSchema, "train": training settings}
-    metrics.json     train/validation ELBO, reconstruction, KL, active units, log-likelihood estimates
+    metrics.json     train/validation ELBO, reconstruction, KL, active units, log-likelihood estimates, and
+                     whether the run ended before the model did (still_improving, warmup_finished, warnings)
     validation.npz   held-out rows (raw x, y) the model never trained on: evaluation and threshold calibration
     sample_rows.csv  a few of those rows with their feature names: an input to try the served model with
-    plots/*.png      written by the training run
+    plots/*.png      written by the training run (thresholds_<name>_v<version>.png by `vaeserve export`)
 """
 
 import hashlib
@@ -22,6 +23,7 @@ from vaeserve.normalization import Normalizer, Support
 from vaeserve.training.model import ModelConfig, build_model
 
 WEIGHTS, CONFIG, METRICS, VALIDATION = "weights.pt", "config.json", "metrics.json", "validation.npz"
+SAMPLE_ROWS, PLOTS = "sample_rows.csv", "plots"
 
 
 @dataclass
@@ -100,7 +102,7 @@ def save_validation_rows(path: Path, x: np.ndarray, y: np.ndarray | None) -> Non
 
 def save_sample_rows(path: Path, x: np.ndarray, feature_names: list[str]) -> None:
     header = ",".join(feature_names)
-    _write_atomic(path / "sample_rows.csv", lambda p: np.savetxt(p, x, delimiter=",", header=header, comments="", fmt="%.9g"))
+    _write_atomic(path / SAMPLE_ROWS, lambda p: np.savetxt(p, x, delimiter=",", header=header, comments="", fmt="%.9g"))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

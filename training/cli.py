@@ -23,6 +23,8 @@ TRAIN_FLAGS = [
     ("--seed", "seed", int, "seed of the split, initialisation and batches (default 0)"),
     ("--device", "device", str, "auto (CUDA when present, the default), cpu or cuda"),
     ("--eval-samples", "eval_samples", int, "K of the importance-weighted log-likelihood in metrics.json (default 100)"),
+    ("--log-every", "log_every", int, "log one line every N epochs, and the first and last (default 10; "
+     "`vaeserve -v train`: every epoch)"),
 ]
 
 CHOICES = {  # the same lists as training.model.KINDS / ARCHS and scoring.LIKELIHOODS (kept torch-free here)
@@ -32,25 +34,69 @@ CHOICES = {  # the same lists as training.model.KINDS / ARCHS and scoring.LIKELI
 }
 
 
+TRAIN_DESCRIPTION = """\
+Train a VAE, CVAE or PPCA model into the checkpoint folder --out: weights.pt, config.json,
+metrics.json, validation.npz (the held-out rows), sample_rows.csv, training_state.pt (for --resume)
+and plots/*.png. `vaeserve export` later adds plots/thresholds_<name>_v<version>.png: the held-out
+rows' -ELBO against the anomaly thresholds it calibrated."""
+
+TRAIN_EPILOG = """\
+examples:
+  vaeserve train --out runs/digits                       the built-in digits, default VAE
+  vaeserve train --data rows.csv --labels kind --model cvae --out runs/rows
+  vaeserve train --out runs/digits --force --quiet       train again into the same folder, summary only
+  vaeserve train --resume runs/digits --epochs 400       continue a run that hit --epochs
+
+CSV files: the first line is the header, unless it reads as data (every field of it above a number
+  in the second line is a number: a text label column may be text in both). Then the file has no
+  header, every line is a row, the columns are named x0..x{n-1} (--labels x9 names the tenth) and
+  the log says so. A first line of exactly 0..n-1 or 1..n is a header of column numbers.
+output: a line every --log-every epochs, a progress bar when stderr is a terminal, then the
+  summary on stdout. A warning when the best epoch is the last one (the run hit --epochs still
+  improving) or the KL warm-up did not finish; metrics.json records both (still_improving,
+  warmup_finished, warnings). --quiet: warnings and the summary only.
+An --out folder holding an earlier run is refused unless --force is given; with --force that
+  run's files and plots are deleted first (once the data has loaded), other files are kept."""
+
+EVALUATE_DESCRIPTION = """\
+Score the checkpoint's held-out validation rows (validation.npz): -ELBO with its reconstruction and
+KL terms, and the K-sample importance-weighted bound on log p(x) (a CVAE's also label-free, PPCA's
+also the exact log p(x)), in nats per row of the normalised features. The result goes to stdout and
+into the checkpoint's metrics.json under 'evaluation'."""
+
+EVALUATE_EPILOG = """\
+example:
+  vaeserve evaluate runs/digits --k 1000
+A progress bar over the rows shows while it runs when stderr is a terminal (K=1000 on a few
+thousand images takes minutes on a CPU)."""
+
+
 def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train",
         help="train a VAE, CVAE or PPCA model into a checkpoint directory",
-        description="Train a model; writes weights, config.json, metrics.json and plots/*.png into --out.",
+        description=TRAIN_DESCRIPTION,
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--out", default=None, help="checkpoint directory (default runs/<data>-<model>; with --resume, that directory)")
     for flag, dest, kind, text in TRAIN_FLAGS:
         train.add_argument(flag, dest=dest, type=kind, default=None, help=text, choices=CHOICES.get(dest))
     train.add_argument("--resume", metavar="CHECKPOINT", default=None,
-                       help="continue the run in this checkpoint directory (its settings are kept; --epochs and --patience may change)")
+                       help="continue the run in this checkpoint directory (its settings are kept; --epochs, --patience, "
+                       "--device, --log-every and --no-plots may change)")
+    train.add_argument("--force", action="store_true",
+                       help="replace an earlier run in --out (its checkpoint files and plots are deleted first)")
+    train.add_argument("--quiet", action="store_true", help="no epoch lines or progress bars: warnings and the summary only")
     train.add_argument("--no-plots", dest="plots", action="store_false", default=True, help="skip writing plots")
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
         "evaluate",
         help="importance-weighted log-likelihood and ELBO of a checkpoint on its held-out rows",
-        description="Scores the checkpoint's held-out validation rows; the result goes to stdout and into "
-        "metrics.json under 'evaluation'.",
+        description=EVALUATE_DESCRIPTION,
+        epilog=EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("checkpoint", help="checkpoint directory written by `vaeserve train`")
     evaluate.add_argument("--k", type=int, default=1000, help="importance samples per row (default 1000)")
@@ -59,9 +105,12 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
 
-    from vaeserve.training.train import TrainConfig, train
+    from vaeserve.errors import ConfigError
+    from vaeserve.training.progress import LOGGER
+    from vaeserve.training.train import TrainConfig, previous_run, train
 
     settings = {dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if getattr(args, dest) is not None}
     settings["plots"] = args.plots
@@ -69,12 +118,25 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(args.out or args.resume)
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            from vaeserve.errors import ConfigError
-
             raise ConfigError("--resume continues in its own directory; leave out --out or give the same path")
+        if args.force:
+            raise ConfigError("--force starts the run in --out afresh and --resume continues it: give one of them")
     else:
         out = Path(args.out or f"runs/{Path(config.data).stem}-{config.model}")
-    result = train(config, out, resume=bool(args.resume))
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder")
+        found = previous_run(out)
+        if found and not args.force:
+            raise ConfigError(f"{out} holds an earlier run ({', '.join(found)}); pass --force to replace it, "
+                              "or give another --out")  # fmt: skip
+    training_log = logging.getLogger(LOGGER)
+    level = training_log.level
+    if args.quiet:
+        training_log.setLevel(logging.WARNING)  # also turns the progress bars off (training.progress)
+    try:
+        result = train(config, out, resume=bool(args.resume))
+    finally:
+        training_log.setLevel(level)
     m = result.metrics
     val = m["validation"]
     print(f"checkpoint: {result.out}")
@@ -83,7 +145,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"model:      {m['model']} on {m['data']}, latent {m['latent_dim']}, {m['likelihood']} likelihood, "
           f"{m['active_units']} active units")
     if m["epochs_run"]:
-        print(f"epochs:     {m['epochs_run']} (best {m['best_epoch']}{', stopped early' if m['stopped_early'] else ''})")
+        ending = ", stopped early" if m["stopped_early"] else (", the last: still improving" if m["still_improving"] else "")
+        print(f"epochs:     {m['epochs_run']} (best {m['best_epoch']}{ending})")
     print(f"train:      -ELBO {m['train']['neg_elbo']:.3f} (reconstruction {m['train']['reconstruction']:.3f}, KL {m['train']['kl']:.3f})")
     print(f"validation: -ELBO {val['neg_elbo']:.3f} (reconstruction {val['reconstruction']:.3f}, KL {val['kl']:.3f})")
     _print_log_likelihood(val)

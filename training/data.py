@@ -1,6 +1,13 @@
 """Training data: the built-in digits, IDX image files, CSV and NPY/NPZ, checked and split.
 
-Every problem with a user's data raises DataError with one line naming it; nothing here prints.
+Every problem with a user's data raises DataError with one line naming it; nothing here prints (what a
+loader assumed about a file goes into Dataset.notes, for the run's log).
+
+A CSV's first line is its header, unless it reads as data: every field of it above a number in the
+second line is a number too (a text label column may hold text in both). Then the file has no header,
+every line is a row and the columns are named x0..x{n-1} (so `--labels x9` names the tenth). Numbers
+that are exactly their columns' positions, 0..n-1 or 1..n, are a header of column numbers (what
+pandas writes for unnamed columns).
 """
 
 import csv
@@ -14,6 +21,7 @@ import numpy as np
 from vaeserve.errors import DataError
 
 MIN_ROWS = 20  # below this a validation split and a fitted normalisation mean nothing
+LISTED_COLUMNS = 20  # an error listing a file's columns names at most this many
 
 
 @dataclass
@@ -24,6 +32,7 @@ class Dataset:
     label_names: list[str] | None
     image_shape: tuple[int, int, int] | None  # (channels, height, width) when rows are images
     name: str
+    notes: tuple[str, ...] = ()  # what the loader assumed about the file (a CSV without a header), for the log
 
     @property
     def binary_or_unit(self) -> bool:
@@ -45,7 +54,7 @@ def load_dataset(source: str, labels: str | None = None) -> Dataset:
     elif name.endswith(".csv"):
         data = _csv(path, labels)
     elif name.endswith(".npz"):
-        data = _npz(path, labels or "y")
+        data = _npz(path, labels)  # labels None: the array 'y' when there is one
     elif name.endswith(".npy"):
         data = _array_dataset(np.load(path, allow_pickle=False), None, path.stem)
     else:
@@ -118,13 +127,22 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
         rows = list(csv.reader(f))
     if not rows:
         raise DataError(f"{path}: empty file")
-    header, body = rows[0], rows[1:]
+    notes = ()
+    if _is_headerless(rows[0], rows[1] if len(rows) > 1 else None):
+        header, body = [f"x{i}" for i in range(len(rows[0]))], rows
+        notes = (f"{path.name} has no header (its first line is data): every line is a row, "
+                 f"columns named x0..x{len(header) - 1}",)  # fmt: skip
+    else:
+        header, body = rows[0], rows[1:]
     if label_column is not None and label_column not in header:
-        raise DataError(f"{path}: no label column {label_column!r}; columns are {', '.join(header)}")
+        columns = (f"the file has no header (its first line is data), so its {len(header)} columns are named"
+                   if notes else f"its {len(header)} columns are")  # fmt: skip
+        raise DataError(f"{path}: no label column {label_column!r} for --labels; {columns} {_listing(header)}")
     columns = list(zip(*body)) if body else [() for _ in header]
     if any(len(r) != len(header) for r in body):
-        bad = next(i for i, r in enumerate(body, start=2) if len(r) != len(header))
-        raise DataError(f"{path}: line {bad} has a different number of fields than the header ({len(header)})")
+        first = 1 if notes else 2  # the file's line number of body[0]
+        bad = next(i for i, r in enumerate(body, start=first) if len(r) != len(header))
+        raise DataError(f"{path}: line {bad} has {len(body[bad - first])} fields, the first line {len(header)}")
     features, names, y, label_names = [], [], None, None
     for name, values in zip(header, columns):
         if name == label_column:
@@ -139,7 +157,24 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
     if not features:
         raise DataError(f"{path}: no feature columns")
     x = np.stack(features, axis=1)
-    return Dataset(x.astype(np.float32), y, names, label_names, None, path.stem)
+    return Dataset(x.astype(np.float32), y, names, label_names, None, path.stem, notes)
+
+
+def _is_headerless(first: list[str], second: list[str] | None) -> bool:
+    """Whether the first line is a row of data (see the module docstring)."""
+    if second is None or len(second) != len(first):
+        return False  # one line, or a ragged file: read it as before and let the field count speak
+    numeric = [j for j, v in enumerate(second) if _is_number(v)]
+    if not numeric or not all(_is_number(first[j]) for j in numeric):
+        return False
+    values = [float(first[j]) for j in numeric]
+    return values != [float(j) for j in numeric] and values != [float(j + 1) for j in numeric]
+
+
+def _listing(names: list[str]) -> str:
+    """Names joined by commas, at most LISTED_COLUMNS of them (a 785-column image table stays one short line)."""
+    shown = ", ".join(repr(n) for n in names[:LISTED_COLUMNS])
+    return shown if len(names) <= LISTED_COLUMNS else f"{shown}, ... ({len(names) - LISTED_COLUMNS} more)"
 
 
 def _is_number(v: str) -> bool:
@@ -150,7 +185,7 @@ def _is_number(v: str) -> bool:
         return False
 
 
-def _npz(path: Path, label_key: str) -> Dataset:
+def _npz(path: Path, label_key: str | None) -> Dataset:
     try:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -158,7 +193,10 @@ def _npz(path: Path, label_key: str) -> Dataset:
     if "X" not in arrays and "x" not in arrays:
         raise DataError(f"{path}: no array 'X' (holds {', '.join(arrays.files)})")
     x = arrays["X"] if "X" in arrays else arrays["x"]
-    y = arrays[label_key] if label_key in arrays else None
+    if label_key is not None and label_key not in arrays:  # named with --labels: it must be there
+        raise DataError(f"{path}: no label array {label_key!r} for --labels (holds {', '.join(arrays.files)})")
+    key = label_key or "y"
+    y = arrays[key] if key in arrays else None
     return _array_dataset(x, y, path.stem)
 
 

@@ -14,6 +14,7 @@ import torch
 from vaeserve import scoring
 from vaeserve.training.checkpoint import Checkpoint, DataSchema
 from vaeserve.training.model import PPCA
+from vaeserve.training.progress import bar
 
 DEFAULT_IW_SAMPLES = 1000
 MAX_DECODE_BATCH = 16384  # rows per decoder forward pass
@@ -90,6 +91,28 @@ def exact_log_likelihood(model: PPCA, x: np.ndarray) -> np.ndarray:
     return -0.5 * (x.shape[1] * scoring.LOG_2PI + log_det + (white**2).sum(axis=0))
 
 
+def score_with_progress(rows: scoring.Scorer, x_raw: np.ndarray, labels: np.ndarray | None, iw_samples: int,
+                        desc: str) -> scoring.Scores:  # fmt: skip
+    """rows.score(x_raw, labels, iw_samples), one of the Scorer's chunks at a time under a progress bar:
+    the K-sample bound of a few thousand images takes minutes. The posterior noise is shared by every
+    row (vaeserve.scoring), so the scores are those of one call; support_distance is left out (summarize
+    does not read it, and the chunks need not agree on having one)."""
+    step = max(1, rows.chunk_values // rows.work(1, labels is not None, iw_samples))
+    parts = []
+    with bar(total=len(x_raw), desc=desc, unit="row", leave=False) as progress:
+        for start in range(0, max(len(x_raw), 1), step):  # one call for no rows, as before
+            parts.append(rows.score(x_raw[start : start + step], None if labels is None else labels[start : start + step],
+                                    iw_samples))  # fmt: skip
+            progress.update(len(parts[-1].neg_elbo))
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(name):
+        return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+
+    return scoring.Scores(joined("neg_elbo"), joined("reconstruction"), joined("kl"), joined("neg_iw"), joined("per_feature"))
+
+
 def evaluate(
     model: torch.nn.Module,
     schema: DataSchema,
@@ -106,11 +129,12 @@ def evaluate(
     x_raw = np.asarray(x_raw, np.float32)
     rows = scorer(model, schema, seed=seed, device=device)
     result = {"rows": int(x_raw.shape[0]), "iw_samples": iw_samples}
+    what = f"scoring {len(x_raw)} rows" + (f", K={iw_samples}" if iw_samples else "")
     if model.config.conditional:
-        result.update(summarize(rows.score(x_raw, one_hot(y, model.config.num_classes), iw_samples)))
-        result["label_free"] = summarize(rows.score(x_raw, None, iw_samples))
+        result.update(summarize(score_with_progress(rows, x_raw, one_hot(y, model.config.num_classes), iw_samples, what)))
+        result["label_free"] = summarize(score_with_progress(rows, x_raw, None, iw_samples, f"{what}, label-free"))
     else:
-        result.update(summarize(rows.score(x_raw, None, iw_samples)))
+        result.update(summarize(score_with_progress(rows, x_raw, None, iw_samples, what)))
     if isinstance(model, PPCA):
         result["exact_log_likelihood"] = float(exact_log_likelihood(model, schema.normalization.apply(x_raw)).mean())
     return result

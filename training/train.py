@@ -18,14 +18,12 @@ Defaults chosen from the data (any of them can be set explicitly):
 
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaeserve.errors import ConfigError, DataError
@@ -34,6 +32,11 @@ from vaeserve.scoring import LIKELIHOODS
 from vaeserve.training import evaluate as evaluation
 from vaeserve.training.checkpoint import (
     CONFIG,
+    METRICS,
+    PLOTS,
+    SAMPLE_ROWS,
+    VALIDATION,
+    WEIGHTS,
     DataSchema,
     load_checkpoint,
     save_checkpoint,
@@ -43,6 +46,7 @@ from vaeserve.training.checkpoint import (
 )
 from vaeserve.training.data import Dataset, load_dataset, split
 from vaeserve.training.model import ARCHS, KINDS, PPCA, ModelConfig, active_units, build_model, elbo_loss
+from vaeserve.training.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ TRAINING_STATE = "training_state.pt"  # optimizer, epoch, history and latest wei
 VAL_SAMPLES = 4  # posterior samples per row for the validation -ELBO that drives early stopping
 TRAIN_METRIC_ROWS = 5000  # training-split metrics are computed on at most this many rows
 STANDARDIZE_CLIP = 10.0  # standardised values are clipped to +-10: see fit_normalizer
+RUN_FILES = (WEIGHTS, CONFIG, METRICS, VALIDATION, SAMPLE_ROWS, TRAINING_STATE)  # what a run writes, besides plots/
 
 
 @dataclass
@@ -77,6 +82,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda
     eval_samples: int = 100  # K of the importance-weighted log-likelihood written to metrics.json
     plots: bool = True
+    log_every: int = 10  # one log line every this many epochs (and the first and last); -v: every epoch
 
     def __post_init__(self):
         if self.hidden is not None:
@@ -97,6 +103,7 @@ class TrainConfig:
             (0 < self.val_fraction < 1, f"validation fraction must be in (0, 1), got {self.val_fraction}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.eval_samples >= 0, f"eval samples must be non-negative, got {self.eval_samples}"),
+            (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -221,15 +228,31 @@ def _batches(total: int, batch_size: int, generator: torch.Generator):
     return [order[i : i + batch_size] for i in range(0, total, batch_size)]
 
 
-def _progress(iterable, **kwargs):
-    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+def previous_run(out: Path) -> list[str]:
+    """The files of an earlier run in `out` (checkpoint files and plots/), by name; [] when there are none."""
+    found = [name for name in RUN_FILES if (out / name).is_file()]
+    return found + ([f"{PLOTS}/"] if (out / PLOTS).is_dir() and any((out / PLOTS).glob("*.png")) else [])
+
+
+def remove_previous_run(out: Path) -> None:
+    """Delete an earlier run's files from `out`, so none of them (a VAE's training_state.pt under a PPCA
+    run, a plot of the old model) outlives it; anything else in the folder is left alone."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if (out / PLOTS).is_dir():
+        for png in (out / PLOTS).glob("*.png"):
+            png.unlink()
+        if not any((out / PLOTS).iterdir()):
+            (out / PLOTS).rmdir()
 
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False) -> TrainResult:
     """Train (or, with resume, continue training) into checkpoint directory `out`; return its metrics.
 
     A resumed run rebuilds everything from out/config.json and out/training_state.pt; `config` then
-    only contributes epochs and patience (the patience counter starts afresh).
+    only contributes epochs and patience (the patience counter starts afresh), device, plots and log_every.
+    A fresh run into a folder holding an earlier run replaces it (remove_previous_run) once its data
+    has loaded; the CLI asks for --force first.
     """
     out = Path(out)
     started = time.monotonic()
@@ -240,7 +263,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False) -> TrainRe
         previous = load_checkpoint(out)
         saved = TrainConfig.from_dict(previous.train)
         config = TrainConfig.from_dict(dict(asdict(saved), epochs=config.epochs, patience=config.patience,
-                                            device=config.device, plots=config.plots))
+                                            device=config.device, plots=config.plots, log_every=config.log_every))
     device = resolve_device(config.device)
     threads = torch.get_num_threads()
     try:
@@ -252,6 +275,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False) -> TrainRe
 def _train(config, out, resume, device, started, previous) -> TrainResult:
     torch.manual_seed(config.seed)
     data = load_dataset(config.data, config.labels)
+    for note in data.notes:
+        log.info("%s", note)
     config = resolve(config, data)
     train_idx, val_idx = split(data, config.val_fraction, config.seed)
     if len(train_idx) < 2:
@@ -288,6 +313,8 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
         torch.set_num_threads(1)
     model = build_model(model_config)
     x_train, x_val = normalizer.apply(data.x[train_idx]), normalizer.apply(data.x[val_idx])
+    if not resume:
+        remove_previous_run(out)
     save_validation_rows(out, data.x[val_idx], y_val)
     save_sample_rows(out, data.x[val_idx[:8]], data.feature_names)
     train_dict = asdict(config)
@@ -311,6 +338,9 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
     model = model.cpu().eval()
 
     metrics = _final_metrics(model, schema, config, data, train_idx, val_idx, history, fit_info)
+    metrics |= _convergence(config, fit_info)
+    for warning in metrics["warnings"]:
+        log.warning("%s", warning)
     metrics["seconds"] = round(time.monotonic() - started, 2)
     save_checkpoint(out, model, schema, train_dict, metrics)
     plot_paths = []
@@ -319,8 +349,29 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
 
         plot_paths = plots.plot_all(load_checkpoint(out))
         metrics["seconds"] = round(time.monotonic() - started, 2)
-        write_json(out / "metrics.json", metrics)
+        write_json(out / METRICS, metrics)
     return TrainResult(out, metrics, plot_paths)
+
+
+def _convergence(config: TrainConfig, fit_info: dict) -> dict:
+    """Whether the run ended before the model did: the best epoch was the last one (it hit --epochs still
+    improving), or the KL warm-up had not finished (beta was still below --beta). None for PPCA."""
+    epochs, best = fit_info["epochs_run"], fit_info["best_epoch"]
+    if epochs == 0:  # PPCA: closed form
+        return {"still_improving": None, "warmup_finished": None, "warnings": []}
+    warnings = []
+    still_improving = best == epochs
+    if still_improving:
+        warnings.append(f"the best epoch is the last one ({best}): the validation -ELBO was still improving when "
+                        f"the run hit --epochs {config.epochs}; train longer (a larger --epochs, or --resume with one)")
+    warmup_finished = epochs >= config.warmup_epochs
+    if not warmup_finished:
+        reached = config.beta * epochs / config.warmup_epochs
+        warnings.append(f"KL warm-up did not finish: the run stopped after {epochs} of --warmup-epochs "
+                        f"{config.warmup_epochs} (beta {reached:.2f} of {config.beta:g}), so the KL term was "
+                        f"down-weighted throughout; raise --epochs{' or --patience' if fit_info['stopped_early'] else ''} "
+                        "or lower --warmup-epochs")  # fmt: skip
+    return {"still_improving": still_improving, "warmup_finished": warmup_finished, "warnings": warnings}
 
 
 def init_feature_logvar(model, x_train: np.ndarray) -> None:
@@ -354,15 +405,14 @@ def _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, ou
         best, best_epoch = state["best_val_neg_elbo"], state["best_epoch"]
         log.info("resuming at epoch %d (best validation -ELBO %.3f at epoch %d)", start_epoch + 1, best, best_epoch)
     stopped_early = False
-    epochs = _progress(range(start_epoch, config.epochs), desc="epochs", unit="epoch",
-                       initial=start_epoch, total=config.epochs)
-    for epoch in epochs:
+    epochs_bar = bar(desc="epochs", unit="epoch", initial=start_epoch, total=config.epochs)
+    for epoch in range(start_epoch, config.epochs):
         epoch_start = time.monotonic()
         model.train()
         sums = {"loss": 0.0, "neg_elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
         batches = _batches(len(xt), config.batch_size, generator)
-        bar = _progress(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
-        for i, idx in enumerate(bar):
+        batch_bar = bar(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
+        for i, idx in enumerate(batch_bar):
             # KL warm-up (Bowman et al. 2016): beta grows linearly from 0 over warmup_epochs.
             progress = (epoch + (i + 1) / len(batches)) / config.warmup_epochs if config.warmup_epochs else 1.0
             beta = config.beta * min(1.0, progress)
@@ -373,7 +423,7 @@ def _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, ou
             optimizer.step()
             for k in sums:
                 sums[k] += terms[k].item() * len(idx)
-            bar.set_postfix(loss=f"{terms['loss'].item():.2f}")
+            batch_bar.set_postfix(loss=f"{terms['loss'].item():.2f}")
         train_terms = {k: v / len(xt) for k, v in sums.items()}
         model.eval()
         with torch.no_grad():  # a few posterior samples, so early stopping follows the model, not the noise
@@ -399,10 +449,15 @@ def _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, ou
             model.to(device)
         else:
             bad_epochs += 1
-        epochs.set_postfix(train=f"{train_terms['neg_elbo']:.2f}", val=f"{val_terms['neg_elbo']:.2f}")
-        log.info("epoch %d/%d: train -ELBO %.3f, val -ELBO %.3f (recon %.3f, KL %.3f), beta %.2f%s",
-                 epoch + 1, config.epochs, train_terms["neg_elbo"], val_terms["neg_elbo"],
-                 val_terms["reconstruction"], val_terms["kl"], beta, " *" if improved else "")
+        stopped_early = bad_epochs >= config.patience
+        epochs_bar.update(1)
+        epochs_bar.set_postfix(train=f"{train_terms['neg_elbo']:.2f}", val=f"{val_terms['neg_elbo']:.2f}", best=best_epoch)
+        # One line every log_every epochs, and the first and last; every epoch at DEBUG (vaeserve -v train).
+        shown = epoch == start_epoch or (epoch + 1) % config.log_every == 0 or stopped_early or epoch + 1 == config.epochs
+        log.log(logging.INFO if shown else logging.DEBUG,
+                "epoch %d/%d: train -ELBO %.3f, val -ELBO %.3f (recon %.3f, KL %.3f), beta %.2f; best %.3f at epoch %d",
+                epoch + 1, config.epochs, train_terms["neg_elbo"], val_terms["neg_elbo"], val_terms["reconstruction"],
+                val_terms["kl"], beta, best, best_epoch)  # fmt: skip
         torch.save(
             {
                 "model": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -416,11 +471,12 @@ def _fit(model, model_config, config, x_train, y_train, x_val, y_val, device, ou
             },
             out / TRAINING_STATE,
         )
-        if bad_epochs >= config.patience:
-            stopped_early = True
-            log.info("early stop: no better validation -ELBO for %d epochs; best epoch %d", config.patience, best_epoch)
+        if stopped_early:
+            log.info("early stop at epoch %d: no better validation -ELBO for %d epochs; best epoch %d",
+                     epoch + 1, config.patience, best_epoch)
             break
-    epochs.close()
+    epochs_bar.total = epochs_bar.n  # an early stop ends the bar at the epochs run, not at --epochs
+    epochs_bar.close()
     return history, {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early}
 
 
@@ -431,6 +487,8 @@ def _final_metrics(model, schema, config, data, train_idx, val_idx, history, fit
     if len(train_idx) > TRAIN_METRIC_ROWS:
         train_idx = np.sort(rng.choice(train_idx, TRAIN_METRIC_ROWS, replace=False))
     y = data.y
+    bound = f" and the importance-weighted bound (K={config.eval_samples})" if config.eval_samples else ""
+    log.info("final metrics: -ELBO of %d training rows, -ELBO%s of %d validation rows", len(train_idx), bound, len(val_idx))
     train_eval = evaluation.evaluate(model, schema, data.x[train_idx], None if y is None else y[train_idx], 0)
     val_eval = evaluation.evaluate(model, schema, data.x[val_idx], None if y is None else y[val_idx],
                                    config.eval_samples)

@@ -33,6 +33,8 @@ def test_tiny_run_writes_checkpoint_metrics_and_plots(tiny_run):
     assert metrics == result.metrics
     assert metrics["epochs_run"] == TINY_EPOCHS and len(metrics["history"]) == TINY_EPOCHS
     assert [h["beta"] for h in metrics["history"]] == [0.5, 1.0, 1.0, 1.0]  # warm-up over 2 epochs
+    assert metrics["warmup_finished"] is True and metrics["still_improving"] == (metrics["best_epoch"] == TINY_EPOCHS)
+    assert len(metrics["warnings"]) == int(metrics["still_improving"])
     val = metrics["validation"]
     assert val["rows"] == 359 and val["iw_samples"] == 20  # 20% of digits' 1797 rows held out
     assert math.isclose(val["neg_elbo"], val["reconstruction"] + val["kl"], rel_tol=1e-9)
