@@ -57,7 +57,7 @@ def test_anomaly_counters_equal_the_rows_sent_and_flagged(server, client, rows):
     assert delta["vaeserve_anomalous_rows_total"] == sum(int(a.is_anomaly.sum()) for a in answers)
     assert after["vaeserve_expected_anomaly_rate"] == 0.01
     # Each row in the bucket of the first calibration quantile its score does not exceed.
-    quantiles = meta.thresholds.quantiles["neg_elbo"].values
+    quantiles = meta.quantiles["neg_elbo"]
     scores = np.concatenate([a.neg_elbo for a in answers])
     for level in QUANTILES:
         expected = int(np.sum(scores <= quantiles[str(level)]))

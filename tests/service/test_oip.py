@@ -110,7 +110,7 @@ def test_infer_options_and_requested_outputs(triton, client, rows):
     # Asking for outputs returns just those, and asking for neg_iw or per_feature computes them.
     asked = triton.infer("vae", inputs(x), outputs=[InferRequestedOutput("neg_iw"), InferRequestedOutput("per_feature")])
     assert [o.name for o in asked.get_response().outputs] == ["neg_iw", "per_feature"]
-    calibrated = client.get_model("vae").thresholds.iw_samples
+    calibrated = client.get_model("vae").iw_samples
     np.testing.assert_allclose(asked.as_numpy("neg_iw"), client.score("vae", x, iw_samples=calibrated).neg_iw, rtol=0, atol=1e-6)
 
 

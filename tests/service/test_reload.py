@@ -144,7 +144,7 @@ def test_new_version_is_served_within_the_poll_interval(repository, model_reposi
         vae_1 = model_repository / "vae" / "1"
         thresholds = dataclasses.replace(read_manifest(vae_1).thresholds, default=123.5)
         replace_version(vae_1, repository, "vae", 2, thresholds=thresholds)
-        wait_for(lambda: client.get_model("vae").thresholds.default == 123.5, NOTICED, "vae version 2 replaced")
+        wait_for(lambda: client.get_model("vae").threshold == 123.5, NOTICED, "vae version 2 replaced")
         replaced = score(server.target, "vae", x)
         assert (replaced.version, replaced.threshold) == (2, 123.5)
         assert score(server.target, "vae", x, version=1).threshold == before.threshold

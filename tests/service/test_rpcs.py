@@ -46,14 +46,14 @@ def test_list_and_get_model(client, references):
         meta = client.get_model(name)
         assert (meta.name, meta.version, meta.kind) == (name, 1, ref.manifest.model.kind)
         assert meta.latent_dim == ref.manifest.model.latent_dim and meta.features == 64
-        assert list(meta.encoder.providers) == ref.encoder.providers
-        assert meta.encoder.sha256 == ref.manifest.encoder.sha256
-        assert meta.HasField("score") and meta.score.sha256 == ref.manifest.score.sha256  # exported with its score graph
-        assert list(meta.score.providers) == ref.model.score_graph.providers and "neg_elbo" in meta.score.outputs
-        assert meta.thresholds.default == pytest.approx(ref.manifest.thresholds.default)
+        assert list(meta.providers["encoder"]) == ref.encoder.providers
+        assert meta.metadata.encoder.sha256 == ref.manifest.encoder.sha256
+        assert meta.metadata.score.sha256 == ref.manifest.score.sha256  # exported with its score graph
+        assert list(meta.providers["score"]) == ref.model.score_graph.providers and "neg_elbo" in meta.metadata.score.outputs
+        assert meta.threshold == pytest.approx(ref.manifest.thresholds.default)
         assert list(meta.labels) == (ref.labels if name == "cvae" else [])
-        np.testing.assert_array_equal(meta.support.low, ref.manifest.support.low)
-        np.testing.assert_array_equal(meta.support.high, ref.manifest.support.high)
+        np.testing.assert_array_equal(meta.support_low, ref.manifest.support.low)
+        np.testing.assert_array_equal(meta.support_high, ref.manifest.support.high)
         assert (meta.limits.max_rows, meta.limits.max_iw_samples) == (1000, 256)  # the session server's
         assert meta.limits.max_request_values > 0 and meta.limits.max_posterior_samples > 0
 

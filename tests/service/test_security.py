@@ -181,14 +181,14 @@ def test_cli_client_with_tls_and_token(tls_server, tls):
     command = [sys.executable, "-m", "vaeserve.cli", "client", "models", "--host", "127.0.0.1",
                "--port", str(tls_server.port), "--ca", str(tls.ca_file)]  # fmt: skip
     environ = {k: v for k, v in os.environ.items() if not k.startswith("VAESERVE_")}
-    listing = sorted(f"{name}\tversions {versions}" for name, versions in MODELS.items())
+    listing = [["model", "versions"]] + [[name, ", ".join(map(str, versions))] for name, versions in sorted(MODELS.items())]
 
     def run(*flags, **variables):
         return subprocess.run([*command, *flags], env=environ | variables, capture_output=True, text=True, timeout=60)
 
     for done in (run("--token", TOKEN), run(VAESERVE_TOKEN=HASHED_TOKEN)):
         assert done.returncode == 0, done.stderr
-        assert sorted(done.stdout.splitlines()) == listing
+        assert [line.split(None, 1) for line in done.stdout.splitlines()] == listing
     refused = run("--token", WRONG_TOKEN)
     assert refused.returncode == 1
     assert refused.stderr.strip() == f"vaeserve client: UNAUTHENTICATED: {security.REFUSAL}"

@@ -3,7 +3,6 @@ exabytes, extreme options, work over the budget, messages over the receive limit
 support. Every answer is a status code a client can act on with a short message; the server stays up."""
 
 import asyncio
-import json
 import math
 from dataclasses import dataclass
 
@@ -192,10 +191,10 @@ def test_rows_outside_the_support(client, rows, name):
     float32 tensors: there the -1e38 value's penalty is past float32's range and reads +inf, and 16.0001's
     (1e-11 to 1e-9 nats) is below float32's resolution of its feature's term, which reads as the row brought back's."""
     meta = client.get_model(name)
-    low, high = np.asarray(meta.support.low), np.asarray(meta.support.high)
+    low, high = meta.support_low, meta.support_high
     np.testing.assert_array_equal(low, 0.0)
     np.testing.assert_array_equal(high, 16.0)
-    scale = np.asarray(json.loads(meta.manifest_json)["normalization"]["scale"], np.float32)
+    scale = np.asarray(meta.manifest["normalization"]["scale"], np.float32)
     x, labels = rows[0][:4].copy(), (rows[1][:4] if name == "cvae" else None)
     for row, column, value in OUTSIDE:
         x[row, column] = value

@@ -1,0 +1,192 @@
+"""The input files of `vaeserve client`: rows for a model, read from CSV by column name.
+
+A CSV's header is matched to the model's feature names (GetModel's `feature_names`), in any order; a
+missing or unknown column is one DataError naming them and what the model takes. The label column
+(`label_column`, `label` by default) holds a CVAE's label names; an unconditional model skips it. A CSV
+whose first line is all numbers has no header (or, numbers 0..n-1 or 1..n, one that only numbers the
+columns, as pandas writes unnamed ones): its columns are taken in the model's order when there are exactly
+as many as the model has features (with a note saying so), and refused otherwise. NPY and NPZ
+files have no names: their columns are taken in order, and their width must match. Latent rows (decode)
+are taken by position; a header there is skipped, but for the label column.
+"""
+
+import csv
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vaeserve.errors import DataError, cut
+
+SHOWN = 8  # names an error or a summary lists before shortening
+
+
+def shown(names: Sequence[str], limit: int = SHOWN) -> str:
+    """Names, comma-separated, the middle left out past `limit`: "a, b, c, ..., y, z (64 in all)"."""
+    names = [cut(str(name)) for name in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    head = limit - 2
+    return f"{', '.join(names[:head])}, ..., {', '.join(names[-2:])} ({len(names)} in all)"
+
+
+@dataclass
+class Rows:
+    x: np.ndarray  # [N, width] float32, columns in the model's order
+    labels: list[str] | None  # a CVAE's labels from the label column; None when the file has none
+    notes: list[str] = field(default_factory=list)  # what the reader decided, for the user to read (stderr)
+
+
+def read_rows(path: Path, names: Sequence[str], *, label_column: str = "label", conditional: bool = False,
+              by_name: bool = True) -> Rows:  # fmt: skip
+    """The rows of a .csv, .npy or .npz file for a model whose columns are `names` (its feature names;
+    with `by_name` False, positions only: latent dimensions)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix in (".npy", ".npz"):
+        return Rows(_width(path, _array(path), names), None)
+    return _csv(path, list(names), label_column, conditional, by_name)
+
+
+def _array(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                array = data["x"] if "x" in data else data[data.files[0]]
+    except (OSError, ValueError, IndexError) as err:
+        raise DataError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
+    array = np.atleast_2d(np.asarray(array, np.float32))
+    return array.reshape(len(array), -1)
+
+
+def _width(path: Path, x: np.ndarray, names: list[str]) -> np.ndarray:
+    if x.shape[1] != len(names):
+        raise DataError(f"{path}: {x.shape[1]} columns; the model takes {len(names)}: {shown(names)}")
+    return x
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _csv(path: Path, names: list[str], label_column: str, conditional: bool, by_name: bool) -> Rows:
+    header, skip = _first_line(path)
+    if all(_is_number(cell) for cell in header) and set(header) != set(names):
+        values = [float(cell) for cell in header]
+        numbered = values in ([float(i) for i in range(start, start + len(values))] for start in (0, 1))
+        return _headerless(path, header, names, by_name, skip if numbered else 0)
+    notes = []
+    if len(set(header)) != len(header):
+        twice = next(name for name in header if header.count(name) > 1)
+        raise DataError(f"{path}: column {cut(twice)!r} appears more than once in the header")
+    label = header.index(label_column) if label_column in header and label_column not in names else None
+    if label is not None and not conditional:
+        notes.append(f"{path}: column {label_column!r} skipped: the model takes no labels")
+    if by_name:
+        columns = _matched(path, header, names, None if label is None else label_column, conditional)
+    else:
+        columns = [i for i in range(len(header)) if i != label]
+        if len(columns) != len(names):
+            raise DataError(f"{path}: {len(columns)} columns; the model takes {len(names)}: {shown(names)}")
+    labels = None if label is None else _labels(path, skip, header, label)
+    return Rows(_numbers(path, skip, header, columns, every_column=label is None), labels if conditional else None, notes)
+
+
+def _first_line(path: Path) -> tuple[list[str], int]:
+    """The first non-empty line's fields, stripped, and the count of lines up to it."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            first = next((line for line in reader if line), None)
+            read = reader.line_num
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: cannot read it as CSV ({err})") from None
+    if first is None:
+        raise DataError(f"{path}: empty file")
+    return [cell.strip() for cell in first], read
+
+
+def _headerless(path: Path, first: list[str], names: list[str], by_name: bool, skip: int) -> Rows:
+    """A CSV without names: its first line is a row, or (`skip`) only numbers its columns, as pandas writes
+    unnamed ones."""
+    what = "its first line only numbers the columns" if skip else "no header (its first line is numbers)"
+    if len(first) != len(names):
+        raise DataError(f"{path}: {what} and {len(first)} columns; the model takes {len(names)}: {shown(names)}. "
+                        f"Add a header line naming the columns")  # fmt: skip
+    notes = [f"{path}: {what}; its {len(first)} columns taken in the model's order: {shown(names)}"] if by_name else []
+    header = [f"#{i + 1}" for i in range(len(first))]
+    return Rows(_numbers(path, skip, header, list(range(len(first))), every_column=True), None, notes)
+
+
+def _matched(path: Path, header: list[str], names: list[str], label_column: str | None, conditional: bool) -> list[int]:
+    """The header's index of each of the model's features; one DataError for every column that does not match."""
+    known, present = set(names), set(header)
+    missing = [name for name in names if name not in present]
+    unknown = [name for name in header if name not in known and name != label_column]
+    if missing or unknown:
+        problems = [f"{_count(len(missing), 'missing column')} {shown(missing)}"] if missing else []
+        problems += [f"{_count(len(unknown), 'unknown column')} {shown(unknown)}"] if unknown else []
+        labels = ", and its labels in a column named by --label-column (default 'label')" if conditional else ""
+        raise DataError(f"{path}: {'; '.join(problems)}. The model takes {len(names)} columns, by name: "
+                        f"{shown(names)}{labels}")  # fmt: skip
+    position = {name: i for i, name in enumerate(header)}
+    return [position[name] for name in names]
+
+
+def _count(n: int, what: str) -> str:
+    return what if n == 1 else f"{n} {what}s:"
+
+
+def _body(path: Path, skip: int):
+    """(line number, fields) of each non-empty line after the first `skip`."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        for line in reader:
+            if reader.line_num > skip and line:
+                yield reader.line_num, line
+
+
+def _labels(path: Path, skip: int, header: list[str], label: int) -> list[str]:
+    """The label column's cells; every line must have the header's fields."""
+    labels = []
+    for number, line in _body(path, skip):
+        if len(line) != len(header):
+            raise DataError(f"{path}: line {number} has {len(line)} fields; the header has {len(header)}")
+        labels.append(line[label].strip())
+    return labels
+
+
+def _numbers(path: Path, skip: int, header: list[str], columns: list[int], every_column: bool) -> np.ndarray:
+    """The chosen columns of the body as float32 [rows, len(columns)], in that order. NumPy's parser reads
+    them (fast); when it fails, the body is read again to name the line and column at fault."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": said below
+            x = np.loadtxt(path, np.float32, delimiter=",", skiprows=skip, ndmin=2, comments=None, quotechar='"',
+                           usecols=None if every_column else columns)  # fmt: skip
+    except ValueError as err:
+        raise _fault(path, skip, header, columns) or DataError(f"{path}: not a numeric CSV ({err})") from None
+    if not len(x):
+        raise DataError(f"{path}: no rows under the header")
+    return np.ascontiguousarray(x[:, columns] if every_column else x)
+
+
+def _fault(path: Path, skip: int, header: list[str], columns: list[int]) -> DataError | None:
+    """The first line with the wrong number of fields, or cell of `columns` that is not a number."""
+    above = "the header" if skip else "the first line"
+    for number, line in _body(path, skip):
+        if len(line) != len(header):
+            return DataError(f"{path}: line {number} has {len(line)} fields; {above} has {len(header)}")
+        for column in columns:
+            if not _is_number(line[column]):
+                return DataError(f"{path}: line {number}, column {cut(header[column])!r}: "
+                                 f"{cut(line[column])!r} is not a number")  # fmt: skip
+    return None
