@@ -3,9 +3,11 @@
 A CSV's header is matched to the model's feature names (GetModel's `feature_names`), in any order; a
 missing or unknown column is one DataError naming them and what the model takes. The label column
 (`label_column`, `label` by default) holds a CVAE's label names; an unconditional model skips it. A CSV
-whose first line is all numbers has no header (or, numbers 0..n-1 or 1..n, one that only numbers the
-columns, as pandas writes unnamed ones): its columns are taken in the model's order when there are exactly
-as many as the model has features (with a note saying so), and refused otherwise. NPY and NPZ
+whose first line is data has no header, by the rule training reads CSVs with (vaeserve.tables): its
+columns are named x0..x{n-1} as training names them, so a model trained on a headerless file matches them
+by name (its label column too, e.g. --label-column x9); for a model with other names they are taken in
+its order when there are exactly as many as it has features (with a note saying so), and refused
+otherwise. So is a header that only numbers the columns (0..n-1 or 1..n, as pandas writes unnamed ones). NPY and NPZ
 files have no names: their columns are taken in order, and their width must match. Latent rows (decode)
 are taken by position; a header there is skipped, but for the label column.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.errors import DataError, cut
+from vaeserve.tables import first_line_is_data, is_number, numbers_columns
 
 SHOWN = 8  # names an error or a summary lists before shortening
 
@@ -69,21 +72,16 @@ def _width(path: Path, x: np.ndarray, names: list[str]) -> np.ndarray:
     return x
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def _csv(path: Path, names: list[str], label_column: str, conditional: bool, by_name: bool) -> Rows:
-    header, skip = _first_line(path)
-    if all(_is_number(cell) for cell in header) and set(header) != set(names):
-        values = [float(cell) for cell in header]
-        numbered = values in ([float(i) for i in range(start, start + len(values))] for start in (0, 1))
-        return _headerless(path, header, names, by_name, skip if numbered else 0)
+    header, second, skip = _first_lines(path)
     notes = []
+    if first_line_is_data(header, second):
+        header, skip = [f"x{i}" for i in range(len(header))], 0  # training's names for a headerless file
+        if not (by_name and set(names) <= set(header)):  # a model trained on another header: by position
+            return _headerless(path, header, names, by_name, 0)
+        notes.append(f"{path}: no header (its first line is data); columns named x0..x{len(header) - 1}, as training names them")
+    elif numbers_columns(header) and set(header) != set(names):
+        return _headerless(path, header, names, by_name, skip)
     if len(set(header)) != len(header):
         twice = next(name for name in header if header.count(name) > 1)
         raise DataError(f"{path}: column {cut(twice)!r} appears more than once in the header")
@@ -100,24 +98,25 @@ def _csv(path: Path, names: list[str], label_column: str, conditional: bool, by_
     return Rows(_numbers(path, skip, header, columns, every_column=label is None), labels if conditional else None, notes)
 
 
-def _first_line(path: Path) -> tuple[list[str], int]:
-    """The first non-empty line's fields, stripped, and the count of lines up to it."""
+def _first_lines(path: Path) -> tuple[list[str], list[str] | None, int]:
+    """The first two non-empty lines' fields, stripped, and the count of lines up to the first."""
     try:
         with open(path, newline="") as f:
             reader = csv.reader(f)
             first = next((line for line in reader if line), None)
             read = reader.line_num
+            second = next((line for line in reader if line), None)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path}: cannot read it as CSV ({err})") from None
     if first is None:
         raise DataError(f"{path}: empty file")
-    return [cell.strip() for cell in first], read
+    return [cell.strip() for cell in first], None if second is None else [cell.strip() for cell in second], read
 
 
 def _headerless(path: Path, first: list[str], names: list[str], by_name: bool, skip: int) -> Rows:
     """A CSV without names: its first line is a row, or (`skip`) only numbers its columns, as pandas writes
     unnamed ones."""
-    what = "its first line only numbers the columns" if skip else "no header (its first line is numbers)"
+    what = "its first line only numbers the columns" if skip else "no header (its first line is data)"
     if len(first) != len(names):
         raise DataError(f"{path}: {what} and {len(first)} columns; the model takes {len(names)}: {shown(names)}. "
                         f"Add a header line naming the columns")  # fmt: skip
@@ -186,7 +185,7 @@ def _fault(path: Path, skip: int, header: list[str], columns: list[int]) -> Data
         if len(line) != len(header):
             return DataError(f"{path}: line {number} has {len(line)} fields; {above} has {len(header)}")
         for column in columns:
-            if not _is_number(line[column]):
+            if not is_number(line[column]):
                 return DataError(f"{path}: line {number}, column {cut(header[column])!r}: "
                                  f"{cut(line[column])!r} is not a number")  # fmt: skip
     return None

@@ -3,11 +3,9 @@
 Every problem with a user's data raises DataError with one line naming it; nothing here prints (what a
 loader assumed about a file goes into Dataset.notes, for the run's log).
 
-A CSV's first line is its header, unless it reads as data: every field of it above a number in the
-second line is a number too (a text label column may hold text in both). Then the file has no header,
-every line is a row and the columns are named x0..x{n-1} (so `--labels x9` names the tenth). Numbers
-that are exactly their columns' positions, 0..n-1 or 1..n, are a header of column numbers (what
-pandas writes for unnamed columns).
+A CSV's first line is its header, unless it reads as data (vaeserve.tables, the client's rule too). Then
+the file has no header, every line is a row and the columns are named x0..x{n-1} (so `--labels x9` names
+the tenth).
 """
 
 import csv
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.errors import DataError
+from vaeserve.tables import first_line_is_data, is_number
 
 MIN_ROWS = 20  # below this a validation split and a fitted normalisation mean nothing
 LISTED_COLUMNS = 20  # an error listing a file's columns names at most this many
@@ -128,7 +127,7 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
     if not rows:
         raise DataError(f"{path}: empty file")
     notes = ()
-    if _is_headerless(rows[0], rows[1] if len(rows) > 1 else None):
+    if first_line_is_data(rows[0], rows[1] if len(rows) > 1 else None):
         header, body = [f"x{i}" for i in range(len(rows[0]))], rows
         notes = (f"{path.name} has no header (its first line is data): every line is a row, "
                  f"columns named x0..x{len(header) - 1}",)  # fmt: skip
@@ -151,7 +150,7 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
         try:
             features.append(np.asarray(values, dtype=np.float64))
         except ValueError:
-            bad = next(v for v in values if not _is_number(v))
+            bad = next(v for v in values if not is_number(v))
             raise DataError(f"{path}: column {name!r} is not numeric (value {bad!r}); use --labels for a label column") from None
         names.append(name)
     if not features:
@@ -160,29 +159,10 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
     return Dataset(x.astype(np.float32), y, names, label_names, None, path.stem, notes)
 
 
-def _is_headerless(first: list[str], second: list[str] | None) -> bool:
-    """Whether the first line is a row of data (see the module docstring)."""
-    if second is None or len(second) != len(first):
-        return False  # one line, or a ragged file: read it as before and let the field count speak
-    numeric = [j for j, v in enumerate(second) if _is_number(v)]
-    if not numeric or not all(_is_number(first[j]) for j in numeric):
-        return False
-    values = [float(first[j]) for j in numeric]
-    return values != [float(j) for j in numeric] and values != [float(j + 1) for j in numeric]
-
-
 def _listing(names: list[str]) -> str:
     """Names joined by commas, at most LISTED_COLUMNS of them (a 785-column image table stays one short line)."""
     shown = ", ".join(repr(n) for n in names[:LISTED_COLUMNS])
     return shown if len(names) <= LISTED_COLUMNS else f"{shown}, ... ({len(names) - LISTED_COLUMNS} more)"
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
 
 
 def _npz(path: Path, label_key: str | None) -> Dataset:

@@ -95,12 +95,12 @@ def test_a_headerless_csv_is_taken_by_position_when_its_width_matches(cli, clien
     x = rows[0][:8]
     np.savetxt(tmp_path / "bare.csv", x, delimiter=",", fmt="%.9g")
     code, out, err = cli("score", "--model", "vae", tmp_path / "bare.csv", "--json")
-    assert code == 0 and "bare.csv: no header (its first line is numbers); its 64 columns taken in the model's order" in err
+    assert code == 0 and "bare.csv: no header (its first line is data); its 64 columns taken in the model's order" in err
     np.testing.assert_allclose(scores(out), client.score("vae", x).neg_elbo, rtol=1e-12)
     np.savetxt(tmp_path / "narrow.csv", x[:, :63], delimiter=",", fmt="%.9g")
     code, out, err = cli("score", "--model", "vae", tmp_path / "narrow.csv")
     assert code == 2 and out == ""
-    assert "narrow.csv: no header (its first line is numbers) and 63 columns; the model takes 64: pixel_0_0" in err
+    assert "narrow.csv: no header (its first line is data) and 63 columns; the model takes 64: pixel_0_0" in err
 
 
 def test_a_cvae_takes_its_labels_from_the_label_column(cli, client, rows, names, tmp_path):
