@@ -33,7 +33,7 @@ from vaeserve import scoring
 from vaeserve.artifact.manifest import MANIFEST, Manifest
 from vaeserve.artifact.repository import ModelVersion, load_version, version_folders
 from vaeserve.artifact.runtime import Model
-from vaeserve.errors import SHOWN, ArtifactError, ConfigError, InvalidInput, ModelNotFound
+from vaeserve.errors import ArtifactError, ConfigError, InvalidInput, ModelNotFound, listed, quoted
 from vaeserve.service import metrics
 from vaeserve.service.batching import INLINE_WORK, BatcherConfig, DynamicBatcher
 from vaeserve.service.settings import Settings
@@ -45,17 +45,6 @@ log = logging.getLogger(__name__)
 QUEUED_REQUESTS_OF_WORK = 4
 MAX_TEMPERATURE = 100.0  # Generate: z ~ N(0, T^2 I); far beyond any useful T, and decoders stay finite
 MAX_LATENT = 1000.0  # Decode: |z| per coordinate, in prior standard deviations
-
-
-def quoted(text: str) -> str:
-    """repr of a caller's string, cut so an error message stays short."""
-    return repr(text) if len(text) <= SHOWN else repr(text[:SHOWN]) + f"... ({len(text)} characters)"
-
-
-def listed(names, limit: int = 20) -> str:
-    names = [str(n) for n in names]
-    shown = ", ".join(quoted(n) for n in names[:limit])
-    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"
 
 
 @dataclass

@@ -33,9 +33,9 @@ import grpc
 import numpy as np
 
 import vaeserve
-from vaeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from vaeserve.errors import InvalidInput, ModelNotFound, ModelNotReady, listed, quoted
 from vaeserve.service import convert, status, streams, wire
-from vaeserve.service.models import ModelRegistry, ServedModel, listed, quoted
+from vaeserve.service.models import ModelRegistry, ServedModel
 from vaeserve.service.servicer import LOADING_MESSAGE
 from vaeserve.service.settings import Settings
 from vaeserve.oip.v2 import predict_pb2 as pb

@@ -13,16 +13,26 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from vaeserve.errors import ConfigError
-from vaeserve.service.rows import shown
+from vaeserve.errors import ConfigError, cut
 
 TOP = 3  # features named per row: the largest per-feature scores
 MAX_COLUMNS = 12  # columns of a table, at most; --json (or --out) has them all
 OUT_SUFFIXES = (".csv", ".jsonl")
+SHOWN = 8  # names a summary lists before shortening
+
+
+def shown(names: Sequence[str], limit: int = SHOWN) -> str:
+    """Names, comma-separated, the middle left out past `limit`: "a, b, c, ..., y, z (64 in all)"."""
+    names = [cut(str(name)) for name in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    head = limit - 2
+    return f"{', '.join(names[:head])}, ..., {', '.join(names[-2:])} ({len(names)} in all)"
 
 
 # Records.

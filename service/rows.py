@@ -20,19 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vaeserve.errors import DataError, cut
+from vaeserve.errors import DataError, cut, listed
 from vaeserve.tables import first_line_is_data, is_number, numbers_columns
 
-SHOWN = 8  # names an error or a summary lists before shortening
-
-
-def shown(names: Sequence[str], limit: int = SHOWN) -> str:
-    """Names, comma-separated, the middle left out past `limit`: "a, b, c, ..., y, z (64 in all)"."""
-    names = [cut(str(name)) for name in names]
-    if len(names) <= limit:
-        return ", ".join(names)
-    head = limit - 2
-    return f"{', '.join(names[:head])}, ..., {', '.join(names[-2:])} ({len(names)} in all)"
+NAMES = 8  # names an error lists before shortening
 
 
 @dataclass
@@ -68,7 +59,7 @@ def _array(path: Path) -> np.ndarray:
 
 def _width(path: Path, x: np.ndarray, names: list[str]) -> np.ndarray:
     if x.shape[1] != len(names):
-        raise DataError(f"{path}: {x.shape[1]} columns; the model takes {len(names)}: {shown(names)}")
+        raise DataError(f"{path}: {x.shape[1]} columns; the model takes {len(names)}: {listed(names, NAMES)}")
     return x
 
 
@@ -93,7 +84,7 @@ def _csv(path: Path, names: list[str], label_column: str, conditional: bool, by_
     else:
         columns = [i for i in range(len(header)) if i != label]
         if len(columns) != len(names):
-            raise DataError(f"{path}: {len(columns)} columns; the model takes {len(names)}: {shown(names)}")
+            raise DataError(f"{path}: {len(columns)} columns; the model takes {len(names)}: {listed(names, NAMES)}")
     labels = None if label is None else _labels(path, skip, header, label)
     return Rows(_numbers(path, skip, header, columns, every_column=label is None), labels if conditional else None, notes)
 
@@ -118,9 +109,9 @@ def _headerless(path: Path, first: list[str], names: list[str], by_name: bool, s
     unnamed ones."""
     what = "its first line only numbers the columns" if skip else "no header (its first line is data)"
     if len(first) != len(names):
-        raise DataError(f"{path}: {what} and {len(first)} columns; the model takes {len(names)}: {shown(names)}. "
+        raise DataError(f"{path}: {what} and {len(first)} columns; the model takes {len(names)}: {listed(names, NAMES)}. "
                         f"Add a header line naming the columns")  # fmt: skip
-    notes = [f"{path}: {what}; its {len(first)} columns taken in the model's order: {shown(names)}"] if by_name else []
+    notes = [f"{path}: {what}; its {len(first)} columns taken in the model's order: {listed(names, NAMES)}"] if by_name else []
     header = [f"#{i + 1}" for i in range(len(first))]
     return Rows(_numbers(path, skip, header, list(range(len(first))), every_column=True), None, notes)
 
@@ -131,11 +122,11 @@ def _matched(path: Path, header: list[str], names: list[str], label_column: str 
     missing = [name for name in names if name not in present]
     unknown = [name for name in header if name not in known and name != label_column]
     if missing or unknown:
-        problems = [f"{_count(len(missing), 'missing column')} {shown(missing)}"] if missing else []
-        problems += [f"{_count(len(unknown), 'unknown column')} {shown(unknown)}"] if unknown else []
+        problems = [f"{_count(len(missing), 'missing column')} {listed(missing, NAMES)}"] if missing else []
+        problems += [f"{_count(len(unknown), 'unknown column')} {listed(unknown, NAMES)}"] if unknown else []
         labels = ", and its labels in a column named by --label-column (default 'label')" if conditional else ""
         raise DataError(f"{path}: {'; '.join(problems)}. The model takes {len(names)} columns, by name: "
-                        f"{shown(names)}{labels}")  # fmt: skip
+                        f"{listed(names, NAMES)}{labels}")  # fmt: skip
     position = {name: i for i, name in enumerate(header)}
     return [position[name] for name in names]
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vaeserve.errors import DataError
+from vaeserve.errors import DataError, listed
 from vaeserve.tables import first_line_is_data, is_number
 
 MIN_ROWS = 20  # below this a validation split and a fitted normalisation mean nothing
-LISTED_COLUMNS = 20  # an error listing a file's columns names at most this many
 
 
 @dataclass
@@ -136,7 +135,7 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
     if label_column is not None and label_column not in header:
         columns = (f"the file has no header (its first line is data), so its {len(header)} columns are named"
                    if notes else f"its {len(header)} columns are")  # fmt: skip
-        raise DataError(f"{path}: no label column {label_column!r} for --labels; {columns} {_listing(header)}")
+        raise DataError(f"{path}: no label column {label_column!r} for --labels; {columns} {listed(header)}")
     columns = list(zip(*body)) if body else [() for _ in header]
     if any(len(r) != len(header) for r in body):
         first = 1 if notes else 2  # the file's line number of body[0]
@@ -157,12 +156,6 @@ def _csv(path: Path, label_column: str | None) -> Dataset:
         raise DataError(f"{path}: no feature columns")
     x = np.stack(features, axis=1)
     return Dataset(x.astype(np.float32), y, names, label_names, None, path.stem, notes)
-
-
-def _listing(names: list[str]) -> str:
-    """Names joined by commas, at most LISTED_COLUMNS of them (a 785-column image table stays one short line)."""
-    shown = ", ".join(repr(n) for n in names[:LISTED_COLUMNS])
-    return shown if len(names) <= LISTED_COLUMNS else f"{shown}, ... ({len(names) - LISTED_COLUMNS} more)"
 
 
 def _npz(path: Path, label_key: str | None) -> Dataset:

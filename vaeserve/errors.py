@@ -9,6 +9,21 @@ def cut(text: str, limit: int = SHOWN) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def quoted(text: str) -> str:
+    """repr of someone else's string, cut so an error message stays short."""
+    return repr(text) if len(text) <= SHOWN else repr(text[:SHOWN]) + f"... ({len(text)} characters)"
+
+
+def listed(names, limit: int = 20) -> str:
+    """Names for an error message, quoted, in brackets; past `limit` the first and the last few and how
+    many there are: "['pixel_0_0', 'pixel_0_1', ..., 'pixel_7_7'] (64 in all)"."""
+    names = [quoted(str(n)) for n in names]
+    if len(names) <= limit:
+        return f"[{', '.join(names)}]"
+    head = max(limit - 2, 1)
+    return f"[{', '.join(names[:head])}, ..., {', '.join(names[-2:])}] ({len(names)} in all)"
+
+
 class VaeserveError(Exception):
     """A problem the user can act on; its message says what and where."""
 

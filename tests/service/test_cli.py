@@ -85,10 +85,10 @@ def test_a_missing_or_unknown_column_is_one_error_naming_it(cli, rows, names, tm
     code, out, err = cli("score", "--model", "vae", write_csv(tmp_path / "typo.csv", rows[0][:4], header))
     assert code == 2 and out == ""
     assert err.startswith("vaeserve client: error: ") and err.count("\n") == 1
-    assert "missing column pixel_0_3; unknown column pixel_03. The model takes 64 columns, by name: pixel_0_0, " in err
+    assert "missing column ['pixel_0_3']; unknown column ['pixel_03']. The model takes 64 columns, by name: ['pixel_0_0', " in err
     assert "(64 in all)" in err  # the list is shortened
     code, _, err = cli("score", "--model", "vae", write_csv(tmp_path / "short.csv", rows[0][:4, 2:], names[2:]))
-    assert code == 2 and "2 missing columns: pixel_0_0, pixel_0_1." in err
+    assert code == 2 and "2 missing columns: ['pixel_0_0', 'pixel_0_1']." in err
 
 
 def test_a_headerless_csv_is_taken_by_position_when_its_width_matches(cli, client, rows, tmp_path):
@@ -100,7 +100,7 @@ def test_a_headerless_csv_is_taken_by_position_when_its_width_matches(cli, clien
     np.savetxt(tmp_path / "narrow.csv", x[:, :63], delimiter=",", fmt="%.9g")
     code, out, err = cli("score", "--model", "vae", tmp_path / "narrow.csv")
     assert code == 2 and out == ""
-    assert "narrow.csv: no header (its first line is data) and 63 columns; the model takes 64: pixel_0_0" in err
+    assert "narrow.csv: no header (its first line is data) and 63 columns; the model takes 64: ['pixel_0_0'" in err
 
 
 def test_a_cvae_takes_its_labels_from_the_label_column(cli, client, rows, names, tmp_path):

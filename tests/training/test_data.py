@@ -40,10 +40,10 @@ def test_missing_label_column_names_it_and_lists_the_columns(tmp_path, table, wr
     path = write_csv("rows.csv", ["a", "b", "c"], table)
     with pytest.raises(DataError) as err:
         load_dataset(str(path), labels="kind")
-    assert str(err.value) == f"{path}: no label column 'kind' for --labels; its 3 columns are 'a', 'b', 'c'"
+    assert str(err.value) == f"{path}: no label column 'kind' for --labels; its 3 columns are ['a', 'b', 'c']"
     headerless = write_lines(tmp_path / "bare.csv", table)
     with pytest.raises(DataError, match=r"no label column 'kind' for --labels; the file has no header \(its first "
-                       r"line is data\), so its 3 columns are named 'x0', 'x1', 'x2'$"):  # fmt: skip
+                       r"line is data\), so its 3 columns are named \['x0', 'x1', 'x2'\]$"):  # fmt: skip
         load_dataset(headerless, labels="kind")
 
 
@@ -52,7 +52,7 @@ def test_missing_label_column_of_a_wide_file_lists_the_first_columns(tmp_path, w
     with pytest.raises(DataError) as err:
         load_dataset(str(path), labels="label")
     message = str(err.value)
-    assert message.endswith("'pixel18', 'pixel19', ... (764 more)") and "its 784 columns" in message
+    assert message.endswith("'pixel17', ..., 'pixel782', 'pixel783'] (784 in all)") and "its 784 columns" in message
 
 
 def test_npz_label_array_named_with_labels_must_exist(tmp_path, table):
