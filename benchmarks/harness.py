@@ -121,9 +121,10 @@ class ServerProcess:
 
 
 def start_server(repository: Path, *, log: Path | None = None, entry_point: bool = False, **settings) -> ServerProcess:
-    """`vaeserve serve` on free loopback ports, settings as VAESERVE_* variables. `entry_point` runs the
-    installed console script (as the image does) instead of `python -m vaeserve.cli`."""
-    port, metrics_port = free_port(), free_port()
+    """`vaeserve serve` on loopback, on free ports unless `port` / `metrics_port` are given, settings as
+    VAESERVE_* variables. `entry_point` runs the installed console script (as the image does) instead of
+    `python -m vaeserve.cli`."""
+    port, metrics_port = settings.pop("port", None) or free_port(), settings.pop("metrics_port", None) or free_port()
     # No drain notice unless asked: there is no balancer on loopback to notice NOT_SERVING.
     env = dict(os.environ, VAESERVE_REPOSITORY=str(repository), VAESERVE_HOST="127.0.0.1", VAESERVE_METRICS_HOST="127.0.0.1",
                VAESERVE_PORT=str(port), VAESERVE_METRICS_PORT=str(metrics_port), VAESERVE_DRAIN_NOTICE_SECONDS="0")  # fmt: skip

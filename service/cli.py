@@ -14,9 +14,18 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="serve a model repository over gRPC",
-        description="Serve every valid model version in a repository over gRPC (grpc.aio, ONNX Runtime, "
-        "dynamic batching), with health, reflection and Prometheus metrics. Every flag has an environment "
-        "variable; a flag wins over its variable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the example keeps its lines; flags still wrap
+        description="Serve every valid model version in a repository over gRPC (grpc.aio, ONNX\n"
+        "Runtime, dynamic batching), with health, reflection and Prometheus metrics.\n"
+        "Every flag has an environment variable; a flag wins over its variable.",
+        epilog="""example:
+  vaeserve serve --repository models --port 50051 --metrics-port 8000
+  VAESERVE_REPOSITORY=models VAESERVE_WORKERS=4 vaeserve serve --host 0.0.0.0
+
+Health says SERVING once every version is loaded and warmed up. SIGTERM or
+Ctrl-C drains: NOT_SERVING for --drain-notice-seconds, then the calls in flight
+finish within --drain-seconds, then exit 0. A port in use, or a repository
+with no valid version: one line, exit status 2.""",
     )
     for name, env, default, doc, kind in describe():
         flag = "--" + name.replace("_", "-")

@@ -2,13 +2,15 @@
 port, grpc.health.v1, reflection; Prometheus /metrics on its own port; graceful shutdown; --workers N
 processes on one port through SO_REUSEPORT.
 
-Life of a worker: read and open every version of the repository (manifests, graph hashes, ONNX Runtime
-sessions checked against their manifests; the message size limits follow from the versions that pass),
-bind and answer health NOT_SERVING at once, warm every version up (off the event loop), then SERVING. A
-version failing a check is skipped with one log line; with none left the command exits 2 with one
-line. While serving, the repository is rescanned every repository_poll_seconds and on SIGHUP
-(service/reload.py): versions come and go without a restart, and health stays SERVING. On
-SIGTERM/SIGINT: the drain (Server.stop), then exit 0.
+Ports first: the gRPC, health and metrics ports are checked before anything is read (check_ports), so a
+port in use is one line naming it and its setting, and exit 2. Life of a worker: read and open every
+version of the repository (manifests, graph hashes, ONNX Runtime sessions checked against their
+manifests; the message size limits follow from the versions that pass), bind and answer health
+NOT_SERVING at once, warm every version up (off the event loop), then SERVING. A version failing a check
+is skipped with one log line; with none left the command exits 2 with one line. While serving, the
+repository is rescanned every repository_poll_seconds and on SIGHUP (service/reload.py): versions come
+and go without a restart, and health stays SERVING. On SIGTERM/SIGINT: the drain (Server.stop), then
+exit 0.
 
 Admission: at most settings.concurrent_rpcs calls inside handlers, the excess answered RESOURCE_EXHAUSTED
 and counted (service/status.py); gRPC's own limit, twice that, is a backstop for calls taken in but not
@@ -21,9 +23,11 @@ disk picked up by new connections; bearer tokens for every call but health when 
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 
 from vaeserve.artifact.manifest import Manifest
 from vaeserve.artifact.repository import scan_repository
-from vaeserve.errors import VaeserveError
+from vaeserve.errors import ConfigError, VaeserveError
 from vaeserve.service import memory, oip, security, status, wire
 from vaeserve.service.models import ModelRegistry, no_valid_version, open_models
 from vaeserve.service.reload import RepositoryWatcher
@@ -105,21 +109,27 @@ class Server:
         self._health_server = None
         self.health_port: int | None = None
         if settings.health_port >= 0:
-            # No SO_REUSEPORT: a second process on the same port would answer probes for this one.
-            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS, options=[("grpc.so_reuseport", 0)])
+            # SO_REUSEPORT as on the gRPC port: shared by the workers, each answering for itself; check_ports
+            # makes sure no other process holds it.
+            reuseport = 1 if settings.workers > 1 else 0
+            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS,
+                                                  options=[("grpc.so_reuseport", reuseport)])  # fmt: skip
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
 
     async def start(self) -> None:
         """Bind, answer NOT_SERVING while models load and warm up, then SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = security.add_port(self._server, self.settings, self._certificates)
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        settings = self.settings
+        try:  # both ports bound before either server starts: a failure leaves nothing running
+            self.port = self._bind("port", lambda: security.add_port(self._server, settings, self._certificates))
+            if self._health_server is not None:
+                address = f"{settings.host}:{settings.health_port}"
+                self.health_port = self._bind("health_port", lambda: self._health_server.add_insecure_port(address))
+        except ConfigError:
+            self._executor.shutdown(wait=False)
+            raise
         await self._server.start()
         if self._health_server is not None:
-            self.health_port = self._health_server.add_insecure_port(f"{self.settings.host}:{self.settings.health_port}")
-            if self.health_port == 0:
-                raise OSError(f"cannot bind {self.settings.host}:{self.settings.health_port} (health_port)")
             await self._health_server.start()
         loop = asyncio.get_running_loop()
         registry = ModelRegistry(self.settings, self._executor, self.opened.state, self._refusal)
@@ -142,6 +152,16 @@ class Server:
         log.info("serving %s on %s:%d (pid %d)", sorted(self.registry.models), self.settings.host, self.port, os.getpid())
 
     _watcher: RepositoryWatcher | None = None  # set by start
+
+    def _bind(self, name: str, add) -> int:
+        """The port add() bound for settings.<name>, or check_ports' one line: check_ports found the port
+        free, so this fails only where another process took it since."""
+        try:
+            return add()
+        except RuntimeError:  # gRPC says only "Failed to bind"; binding it once more says why
+            host, port = self.settings.host, getattr(self.settings, name)
+            failure = _probe(host, port)
+            raise _cannot_bind(name, host, port, _reason(failure) if failure else "gRPC cannot bind it") from None
 
     def request_rescan(self) -> None:
         """SIGHUP: rescan the repository now (after the rescan running, if one is). Before start has loaded
@@ -254,7 +274,10 @@ def start_metrics_server(settings: Settings, registry=None) -> int | None:
     from prometheus_client import REGISTRY, start_http_server
 
     host = _http_host(settings.metrics_host)
-    server, _ = start_http_server(settings.metrics_port, addr=host, registry=registry or REGISTRY)
+    try:
+        server, _ = start_http_server(settings.metrics_port, addr=host, registry=registry or REGISTRY)
+    except OSError as err:  # taken since check_ports looked, or a host that does not resolve
+        raise _cannot_bind("metrics_port", settings.metrics_host, settings.metrics_port, _reason(err)) from None
     port = server.server_port
     log.info("metrics on http://%s:%d/metrics", host, port)
     return port
@@ -264,8 +287,74 @@ def _http_host(host: str) -> str:
     return "::" if host in ("[::]", "::") else host.strip("[]")
 
 
+PORTS = (("port", "host"), ("health_port", "host"), ("metrics_port", "metrics_host"))  # (port setting, its host's)
+REFUSED = (errno.EADDRINUSE, errno.EACCES)  # a port someone holds, or one below 1024
+
+
+def check_ports(settings: Settings) -> None:
+    """ConfigError, one line, when the gRPC, health or metrics port cannot be bound: before any model is
+    read, not after. Each fixed port is bound and listened on here, all held until the last is checked (two
+    settings on one port are caught too), with SO_REUSEADDR as the servers bind them (connections of a
+    previous server in TIME_WAIT do not count) and without SO_REUSEPORT: the workers bind with it, and
+    Linux would let them share the port with any process of the same user that set it too (another
+    `vaeserve serve --workers N`), the calls split between two servers. Without it, any listener on the
+    port refuses the bind. Called once, before the workers: in a worker, the others hold the port."""
+    held: dict[int, str] = {}
+    with contextlib.ExitStack() as sockets:
+        for name, host_setting in PORTS:
+            host, port = getattr(settings, host_setting), getattr(settings, name)
+            if port <= 0:  # 0 picks a free port, -1 is none
+                continue
+            failure = _probe(host, port, sockets)
+            if isinstance(failure, socket.gaierror):  # the host's fault, not the port's
+                raise _cannot_bind(host_setting, host, port, _reason(failure))
+            if failure is not None and failure.errno == errno.EADDRINUSE and port in held:
+                raise _cannot_bind(name, host, port, f"{held[port]} is {port} too; give each a port of its own")
+            if failure is not None:
+                raise _cannot_bind(name, host, port, _reason(failure))
+            held[port] = name
+
+
+def _probe(host: str, port: int, sockets: contextlib.ExitStack | None = None) -> OSError | None:
+    """Why host:port cannot be bound, or None when it can. Every address the host resolves to is tried
+    (localhost: 127.0.0.1 and ::1), as gRPC binds them all; one in use is enough to refuse, while an
+    address family this machine lacks is not, as long as another address binds. The sockets are closed
+    at once, or stay open in `sockets` when given."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return err
+    with contextlib.ExitStack() as own:
+        failure, bound = None, False
+        for family, kind, proto, _, address in addresses:
+            try:
+                sock = (own if sockets is None else sockets).enter_context(socket.socket(family, kind, proto))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+                sock.listen()
+                bound = True
+            except OSError as err:
+                if err.errno in REFUSED:
+                    return err
+                failure = failure or err
+        return None if bound else failure
+
+
+def _reason(err: OSError) -> str:
+    text = err.strerror or str(err)
+    return text[:1].lower() + text[1:]
+
+
+def _cannot_bind(name: str, host: str, port: int, reason: str) -> ConfigError:
+    host = host.strip("[]")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    flag = "--" + name.replace("_", "-")
+    return ConfigError(f"cannot bind {address} ({name}, {Settings.env_name(name)} / {flag}): {reason}")
+
+
 def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a clean drain."""
+    check_ports(settings)
     if settings.workers == 1:
         start_metrics_server(settings)
         asyncio.run(_serve_worker(settings))
