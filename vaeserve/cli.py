@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaeserve",
         description="Train VAE/CVAE/PPCA models, export them as ONNX, serve them over gRPC.",
+        epilog="example:\n  vaeserve train --out runs/digits\n  vaeserve export runs/digits --repository models --name digits\n"
+        "  vaeserve serve --repository models\n  vaeserve client score --model digits runs/digits/sample_rows.csv\n\n"
+        "`vaeserve COMMAND --help` says more about each.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vaeserve {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
