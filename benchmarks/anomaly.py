@@ -98,13 +98,22 @@ def run_one(path: str, seed: int, max_train_rows: int, train_options: dict, expo
     """One dataset and seed: result rows for every method, and the threshold check."""
     import torch
 
+    torch.set_num_threads(1)
+    quiet = [logging.getLogger(name) for name in ("vaeserve.training", "vaeserve.export")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # per-epoch logs would bury the progress bar
+        logger.setLevel(logging.WARNING)
+    try:
+        return _run_one(Path(path), seed, max_train_rows, train_options, export_options)
+    finally:  # with --jobs 1 this runs in the caller's process
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _run_one(path: Path, seed: int, max_train_rows: int, train_options: dict, export_options: dict) -> dict:
     from vaeserve.export.exporter import export_checkpoint
     from vaeserve.training.train import TrainConfig, train
 
-    torch.set_num_threads(1)
-    for quiet in ("vaeserve.training", "vaeserve.export"):  # per-epoch logs would bury the progress bar
-        logging.getLogger(quiet).setLevel(logging.WARNING)
-    path = Path(path)
     name = path.stem
     x, y = load(path)
     split = split_rows(y, seed)

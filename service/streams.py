@@ -44,16 +44,18 @@ async def answer_in_order(requests: AsyncIterator[Request], answer: Callable[[Re
                     request = await anext(it)
                 except StopAsyncIteration:
                     return
+                if drained:  # came in after the drain began: the stream ends without it
+                    return
                 answers.put_nowait(asyncio.ensure_future(answer(request)))
         finally:
             answers.put_nowait(None)
 
-    async def watch() -> None:  # the drain stops the reader; what it took in is still answered
+    async def watch() -> None:  # the drain ends the stream after what it took in
         nonlocal drained
         await refusing.wait()
         if not reader.done():  # the client had not finished sending
             drained = True
-            reader.cancel()
+            answers.put_nowait(None)
 
     reader = asyncio.ensure_future(read())
     watcher = asyncio.ensure_future(watch())
@@ -61,12 +63,16 @@ async def answer_in_order(requests: AsyncIterator[Request], answer: Callable[[Re
         while (task := await answers.get()) is not None:
             yield await task
             slots.release()
-        await asyncio.wait((reader,))
-        if not reader.cancelled():
-            reader.result()  # a failure to read the stream is the stream's error
+        if not drained:
+            await reader  # a failure to read the stream is the stream's error
     finally:
         watcher.cancel()
-        reader.cancel()
+        if drained:
+            # A read cancelled while gRPC completes it can fail the call with INTERNAL: the pending read is
+            # left to end with the call (the abort that follows), its outcome dropped.
+            reader.add_done_callback(lambda task: task.cancelled() or task.exception())
+        else:
+            reader.cancel()
         while not answers.empty():
             task = answers.get_nowait()
             if task is not None:

@@ -297,7 +297,11 @@ def test_streams_beyond_max_streams_are_refused_at_open_and_probes_are_never_ref
                 open_streams = [stub.ScoreStream(one_then_idle()) for _ in range(2)]
                 for call in open_streams:
                     assert (await call.read()).WhichOneof("result") == "score"
-                refused = stub.ScoreStream(one_then_idle())
+                async def idle_only():  # sends nothing: a write racing the refusal would fail on the client side
+                    await idle.wait()
+                    yield request
+
+                refused = stub.ScoreStream(idle_only())
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await refused.read()
                 live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",

@@ -80,5 +80,5 @@ def test_bad_setting(capsys, tmp_path):
 def test_missing_label_column(capsys, tmp_path, write_csv, table):
     path = write_csv("rows.csv", ["a", "b", "c"], table)
     code, err = run_train(capsys, "--data", str(path), "--labels", "kind", "--model", "cvae", "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "no label column 'kind' for --labels", "its 3 columns are 'a', 'b', 'c'")
+    assert_one_line_error(code, err, "no label column 'kind' for --labels", "its 3 columns are ['a', 'b', 'c']")
     assert not (tmp_path / "o").exists()
