@@ -16,7 +16,9 @@ requests of consecutive rows, `in_flight` (4) of them at a time, and the answers
 `progress(done_rows, total_rows)`, when given, is called after each. A model's limits are read once and
 kept for a minute (`get_model` reads them afresh); a call of at most 64 rows that asks for no samples is
 sent as it is without asking. The requests of a split call all go to one version (the newest when
-`version` is 0, read when the call starts); with a `seed`, request k draws with seed + k.
+`version` is 0, read when the call starts); with a `seed`, request k draws with seed + k. A request of a
+split call answered Overloaded (the server full for the moment, e.g. other big calls beside it) is sent
+again up to 4 times, after about 50 to 400 ms; a single request is the caller's to retry.
 
 A call that fails raises a `ServerError` for its status code: `InvalidInput`, `NotFound`, `Overloaded`
 (RESOURCE_EXHAUSTED: back off and retry), `DeadlineExceeded`, `Unavailable`, `Unauthenticated`, `Internal`,
@@ -42,6 +44,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import random
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -69,6 +72,16 @@ Progress = Callable[[int, int], None]  # (rows answered so far, rows in the call
 
 
 # Errors.
+
+
+# A split call's part answered Overloaded (the server full for the moment) is sent again, after a backoff
+# of about 50, 100, 200 and 400 ms; then its Overloaded is the call's.
+OVERLOAD_RETRIES = 4
+OVERLOAD_BACKOFF = 0.05
+
+
+def _backoff(attempt: int) -> float:
+    return OVERLOAD_BACKOFF * 2**attempt * random.uniform(0.75, 1.25)  # jittered: parts do not come back in step
 
 
 class ServerError(grpc.aio.AioRpcError):
@@ -604,26 +617,34 @@ class Client(_Requests):
         return self._split(call, info.version, size)
 
     def _split(self, call: _Call, version: int, size: int):
-        send = getattr(self._stub, call.method).future
+        stub = getattr(self._stub, call.method).future
         answers, pending = [], collections.deque()
 
+        def send(part, index):
+            return stub(call.request(part, version, index), timeout=self.timeout, metadata=self._metadata)
+
         def collect():
-            part, future = pending.popleft()
-            try:
-                answers.append(call.parse(future.result()))
-            except grpc.RpcError as err:
-                raise server_error(err) from err
+            part, index, future = pending.popleft()
+            for attempt in range(OVERLOAD_RETRIES + 1):
+                try:
+                    answers.append(call.parse(future.result()))
+                    break
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == OVERLOAD_RETRIES:
+                        raise server_error(err) from err
+                    time.sleep(_backoff(attempt))
+                    future = send(part, index)
             call.answered(part)
 
         try:
             for index, part in enumerate(call.parts(size)):
                 if len(pending) >= self.in_flight:
                     collect()
-                pending.append((part, send(call.request(part, version, index), timeout=self.timeout, metadata=self._metadata)))
+                pending.append((part, index, send(part, index)))
             while pending:
                 collect()
         finally:
-            for _, future in pending:  # a request failed: the others are not needed
+            for _, _, future in pending:  # a request failed: the others are not needed
                 future.cancel()
         return _joined(answers)
 
@@ -717,26 +738,34 @@ class AsyncClient(_Requests):
         return await self._split(call, info.version, size)
 
     async def _split(self, call: _Call, version: int, size: int):
-        send = getattr(self._stub, call.method)
+        stub = getattr(self._stub, call.method)
         answers, pending = [], collections.deque()
 
+        def send(part, index):
+            return stub(call.request(part, version, index), timeout=self.timeout, metadata=self._metadata)
+
         async def collect():
-            part, sent = pending.popleft()
-            try:
-                answers.append(call.parse(await sent))
-            except grpc.RpcError as err:
-                raise server_error(err) from err
+            part, index, sent = pending.popleft()
+            for attempt in range(OVERLOAD_RETRIES + 1):
+                try:
+                    answers.append(call.parse(await sent))
+                    break
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == OVERLOAD_RETRIES:
+                        raise server_error(err) from err
+                    await asyncio.sleep(_backoff(attempt))
+                    sent = send(part, index)
             call.answered(part)
 
         try:
             for index, part in enumerate(call.parts(size)):
                 if len(pending) >= self.in_flight:
                     await collect()
-                pending.append((part, send(call.request(part, version, index), timeout=self.timeout, metadata=self._metadata)))
+                pending.append((part, index, send(part, index)))
             while pending:
                 await collect()
         finally:
-            for _, sent in pending:  # a request failed, or the caller was cancelled: the others are not needed
+            for _, _, sent in pending:  # a request failed, or the caller was cancelled: the others are not needed
                 sent.cancel()
         return _joined(answers)
 

@@ -179,3 +179,32 @@ def test_the_docs_client_examples_run(server, client, rows, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1000/20000 rows" in printed and "20000/20000 rows" in printed
     assert "INVALID_ARGUMENT x: the model takes 64 values per row, got 10" in printed
+
+
+def test_a_split_call_retries_the_parts_a_full_server_refuses(model_repository, start_server, rows):
+    """Four parts in flight against a server that holds one call at a time: some are answered Overloaded
+    and sent again, and the call's answer is whole and in order."""
+    import asyncio
+
+    from vaeserve.service.client import AsyncClient, Client
+
+    x = np.concatenate([rows[0]] * 64)  # 2,048 rows: 8 parts of 256
+    server = start_server(model_repository, max_rows=256, max_concurrent_rpcs=1)
+    try:
+        server.wait_serving()
+        with Client(server.target) as client:
+            expected = np.concatenate([client.score("vae", x[i:i + 256]).neg_elbo for i in range(0, len(x), 256)])
+            got = client.score("vae", x).neg_elbo
+
+        async def concurrently():
+            async with AsyncClient(server.target) as client:
+                return await asyncio.gather(*(client.score("vae", x) for _ in range(2)))
+
+        answers = asyncio.run(concurrently())
+        refused = server.metrics()[("vaeserve_rejected_total", (("reason", "overloaded"),))]
+    finally:
+        server.stop()
+    np.testing.assert_array_equal(got, expected)
+    for answer in answers:
+        np.testing.assert_array_equal(answer.neg_elbo, expected)
+    assert refused > 0  # parts were refused, and their retries answered
