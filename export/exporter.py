@@ -134,6 +134,7 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         model=ModelInfo(config.kind, config.arch, config.latent_dim),
         input=InputInfo(config.input_dim, tuple(data.feature_names), tuple(data.image_shape) if data.image_shape else None),
         labels=tuple(data.label_names) if config.conditional else None,
+        label_column=data.label_column if config.conditional else None,
         normalization=data.normalization,
         support=data.support,
         scoring=scoring_info,

@@ -71,9 +71,9 @@ with no valid version: one line, exit status 2.""",
     written.add_argument("--out", type=Path, metavar="FILE",
                          help="write one line per row to FILE (.csv with a header, or .jsonl) instead of printing")
     read = argparse.ArgumentParser(add_help=False)
-    read.add_argument("--label-column", default="label", metavar="NAME",
-                      help="the CSV column holding each row's label, for a CVAE (default 'label'); an "
-                      "unconditional model skips it")  # fmt: skip
+    read.add_argument("--label-column", metavar="NAME",
+                      help="the CSV column holding each row's label, for a CVAE (default: the column the model was "
+                      "trained with, as its manifest records, else 'label'); an unconditional model skips it")  # fmt: skip
 
     def command(name, help, description, *examples, parents=(common,)):
         return commands.add_parser(name, help=help, description=description, epilog=_examples(*examples),
@@ -245,15 +245,16 @@ def _input(args, info, names, command):
 
     by_name = command != "decode"
     columns = names if by_name else tuple(f"z[{i}]" for i in range(info.latent_dim))
-    rows = read_rows(args.input, columns, label_column=args.label_column, conditional=info.conditional, by_name=by_name)
+    label_column = args.label_column or info.label_column or "label"
+    rows = read_rows(args.input, columns, label_column=label_column, conditional=info.conditional, by_name=by_name)
     for note in rows.notes:
         print(f"vaeserve client: {note}", file=sys.stderr)
     labels = _flag_labels(args.labels)
     if labels is not None and rows.labels is not None:
-        raise ConfigError(f"{args.input} has a label column {args.label_column!r}, and --labels was given: use one")
+        raise ConfigError(f"{args.input} has a label column {label_column!r}, and --labels was given: use one")
     labels = rows.labels if labels is None else _labels_per_row(labels, len(rows.x))
     if info.conditional and labels is None:
-        where = f"no label column {args.label_column!r} (--label-column NAME names another) and no --labels"
+        where = f"no label column {label_column!r} (--label-column NAME names another) and no --labels"
         if command != "score":
             raise DataError(f"{args.input}: {where}, and model {info.name} is conditional: it needs each row's label")
         print(f"vaeserve client: {args.input}: {where}: scored label-free", file=sys.stderr)

@@ -301,6 +301,7 @@ class ModelInfo:
     feature_names: tuple[str, ...]
     image_shape: tuple[int, ...] | None  # (channels, height, width) when rows are images
     labels: tuple[str, ...]  # a CVAE's label names, else empty
+    label_column: str | None  # a CVAE's: the column its training data held the labels in, when recorded
     class_prior: tuple[float, ...]  # a CVAE's p(y), in label order
     threshold: float  # the default threshold on `threshold_score`
     threshold_score: str  # "neg_elbo"
@@ -338,7 +339,8 @@ def _parse_model(m: pb.ModelMetadata) -> ModelInfo:
     return ModelInfo(
         name=m.name, version=m.version, kind=m.kind, arch=m.arch, latent_dim=m.latent_dim, likelihood=m.likelihood,
         normalization=m.normalization, features=m.features, feature_names=tuple(m.feature_names),
-        image_shape=tuple(m.image_shape) or None, labels=tuple(m.labels), class_prior=tuple(m.class_prior),
+        image_shape=tuple(m.image_shape) or None, labels=tuple(m.labels),
+        label_column=(manifest.get("labels") or {}).get("column"), class_prior=tuple(m.class_prior),
         threshold=t.default, threshold_score=t.score, quantiles=quantiles, calibration=calibration,
         elbo_samples=t.elbo_samples, iw_samples=t.iw_samples, seed=t.seed,
         providers={name: tuple(graph.providers) for name, graph in graphs.items()},

@@ -38,6 +38,7 @@ class DataSchema:
     label_names: list[str] | None = None
     class_prior: list[float] | None = None  # training-label frequencies, in label_names order
     support: Support | None = None  # raw range of the training data; None in checkpoints of vaeserve < 0.2
+    label_column: str | None = None  # the CSV column (or NPZ array) the labels came from, when one was named
 
     def to_dict(self) -> dict:
         d = asdict(self)

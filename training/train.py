@@ -296,6 +296,7 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
         label_names=data.label_names,
         class_prior=class_prior(y_train, len(data.label_names)) if data.y is not None else None,
         support=previous.data.support if resume else fit_support(data.x, data.image_shape is not None),
+        label_column=config.labels if data.label_names else None,
     )
     model_config = ModelConfig(
         input_dim=data.x.shape[1],

@@ -287,3 +287,35 @@ def test_a_long_run_shows_its_progress_on_a_terminal(server, digits, names, tmp_
     shown = terminal.getvalue()
     assert code == 0 and shown.startswith("\rvaeserve client score: 1,000/2,500 rows (40%)")
     assert "\r\x1b[Kvaeserve client: wrote 2,500 rows" in shown  # the line cleared before the summary
+
+
+def test_a_cvae_trained_on_a_label_column_is_scored_by_that_column_name(digits, tmp_path, start_server, capsys):
+    """`train --labels kind` records the column in the manifest; the client then reads a CSV's labels from
+    `kind` without being told, and scores them as the labels they are."""
+    from vaeserve.service.client import Client
+
+    data, _, _ = digits
+    path = tmp_path / "rows.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["kind", *data.feature_names])
+        for x, y in zip(data.x[:400], data.y[:400]):
+            writer.writerow([data.label_names[y], *x])
+    assert main(["train", "--data", str(path), "--labels", "kind", "--model", "cvae", "--epochs", "3", "--no-plots",
+                 "--eval-samples", "0", "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    assert main(["export", str(tmp_path / "run"), "--repository", str(tmp_path / "models"), "--name", "kinds", "--no-plots"]) == 0
+    manifest = json.loads((tmp_path / "models" / "kinds" / "1" / "manifest.json").read_text())
+    assert manifest["labels"]["column"] == "kind"
+    server = start_server(tmp_path / "models")
+    try:
+        server.wait_serving()
+        capsys.readouterr()
+        assert main(["client", "score", "--host", "127.0.0.1", "--port", str(server.port), "--model", "kinds", str(path),
+                     "--json"]) == 0  # fmt: skip
+        scored = json.loads(capsys.readouterr().out)
+        with Client(server.target) as client:
+            assert client.get_model("kinds").label_column == "kind"
+            expected = client.score("kinds", data.x[:400], [data.label_names[y] for y in data.y[:400]])
+    finally:
+        server.stop()
+    np.testing.assert_allclose([r["neg_elbo"] for r in scored["rows"]], expected.neg_elbo, rtol=1e-6)

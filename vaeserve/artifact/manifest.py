@@ -167,6 +167,7 @@ class Manifest:
     source_checkpoint: dict[str, str]  # path, sha256
     thresholds: Thresholds
     score: GraphInfo | None = None  # the score graph; None before it (schema 2) or when it missed its parity
+    label_column: str | None = None  # a CVAE's: the training data's label column (CSV) or array (NPZ), when named
 
     @property
     def conditional(self) -> bool:
@@ -186,7 +187,7 @@ class Manifest:
             "created": self.created,
             "model": {"kind": self.model.kind, "arch": self.model.arch, "latent_dim": self.model.latent_dim},
             "input": self.input.to_dict(),
-            "labels": None if self.labels is None else {"names": list(self.labels)},
+            "labels": None if self.labels is None else {"names": list(self.labels)} | ({} if self.label_column is None else {"column": self.label_column}),
             "normalization": self.normalization.to_dict(),
             "support": self.support.to_dict(),
             "scoring": {"likelihood": self.scoring.likelihood, "elbo_samples": self.scoring.elbo_samples, "iw_samples": self.scoring.iw_samples,
@@ -333,8 +334,13 @@ def _read(d) -> Manifest:
     conditional = model.kind == "cvae"
     lab = top.object("labels", nullable=True)
     labels = None
+    label_column = None
     if lab is not None:
         labels = lab.items("names", str)
+        if "column" in lab.value:  # added after schema 3 was out: optional
+            label_column = lab.string("column")
+            if not 0 < len(label_column) <= MAX_LABEL:
+                raise _Corrupt(f"labels.column must hold 1 to {MAX_LABEL} characters")
         lab.done()
     if conditional and (labels is None or len(labels) < 2 or len(set(labels)) != len(labels)):
         raise _Corrupt("labels.names: a cvae needs at least 2 distinct label names")
@@ -385,7 +391,7 @@ def _read(d) -> Manifest:
 
     manifest = Manifest(
         name=top.string("name", pattern=NAME_PATTERN), version=top.integer("version", 1), created=top.string("created"),
-        model=model, input=inputs, labels=labels, normalization=normalization, support=support, scoring=scoring,
+        model=model, input=inputs, labels=labels, label_column=label_column, normalization=normalization, support=support, scoring=scoring,
         encoder=graphs["encoder"], decoder=graphs["decoder"], opset=top.integer("opset", 1), exporter=top.string("exporter"),
         producer=top.mapping("producer", lambda section, key: section.string(key)), parity=parity,
         source_checkpoint=top.mapping("source_checkpoint", lambda section, key: section.string(key)), thresholds=thresholds,
