@@ -321,3 +321,17 @@ def test_streams_beyond_max_streams_are_refused_at_open_and_probes_are_never_ref
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.details() == "the server holds 2 open streams, its max_streams; retry later"
     assert len(answered.neg_elbo) == 1 and alive.live and counted >= 1
+
+
+def test_the_docs_stream_example_runs(server, client):
+    """docs/api.md's ScoreStream example, as written, against the test server's `vae` for `digits`."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text[text.index("## ScoreStream"):text.index("\n## ", text.index("## ScoreStream"))]
+    [block] = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {}
+    exec(block.replace("localhost:50051", server.target).replace('"digits"', '"vae"'), namespace)
+    row = np.full((1, 64), 8.0, np.float32)  # a flat grey image: far from every digit
+    assert client.score("vae", row).is_anomaly[0] and namespace["flagged"] == 100
