@@ -75,8 +75,9 @@ class ServedModel:
         self._scored = metrics.SCORED_ROWS.labels(self.name, self._version_label)
         self._anomalous = metrics.ANOMALOUS_ROWS.labels(self.name, self._version_label)
         calibration = m.thresholds.quantiles.get("neg_elbo", {})
-        self._levels = [q for q in metrics.QUANTILE_LEVELS if str(q) in calibration]  # what the manifest holds
-        self._level_values = np.array([calibration[str(q)] for q in self._levels])
+        levels = [q for q in metrics.QUANTILE_LEVELS if str(q) in calibration]  # what the manifest holds
+        self._level_values = np.array([calibration[str(q)] for q in levels])
+        self._level_bounds = np.array([*levels, 1.0])  # a row's level by its index among the values
         self._anomaly_score = metrics.ANOMALY_SCORE.labels(self.name, self._version_label)
         self.encoder, self.decoder = model.encoder, model.decoder
         config = BatcherConfig(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0, settings.max_queue_size,
@@ -240,17 +241,8 @@ class ServedModel:
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
         threshold = self.threshold if threshold is None else float(threshold)
         result = ScoreResult(scores, threshold, scores.flagged(threshold))
-        self._count_scores(result)
+        self._anomalous.inc(int(np.count_nonzero(result.is_anomaly)))  # at the request's own threshold
         return result
-
-    def _count_scores(self, result: ScoreResult) -> None:
-        """The anomaly metrics: rows scored and flagged, and each row's calibration quantile level (the
-        smallest level whose calibration -ELBO it does not exceed; 1 above them all)."""
-        self._scored.inc(len(result.is_anomaly))
-        self._anomalous.inc(int(np.count_nonzero(result.is_anomaly)))
-        if self._levels:
-            index = np.searchsorted(self._level_values, result.scores.neg_elbo, side="left")
-            metrics.observe_levels(self._anomaly_score, np.append(self._levels, 1.0)[index])
 
     def _score_work(self, rows: int, key: tuple) -> int:
         """Linear in rows, so the work of one row per key is kept: the batcher asks several times per request."""
@@ -260,8 +252,15 @@ class ServedModel:
         return rows * per_row
 
     def _score_batch(self, feeds: dict, key: tuple) -> scoring.Scores:
-        """Score the raw rows of a batch of requests that share their options."""
-        return self.scorer.score(feeds["x"], feeds.get("y"), key[1])
+        """Score the raw rows of a batch of requests that share their options, and count them in the anomaly
+        metrics: each row's calibration quantile level is the smallest level whose calibration -ELBO it does
+        not exceed (1 above them all). Once per batch, not per request: single-row calls come in batches."""
+        scores = self.scorer.score(feeds["x"], feeds.get("y"), key[1])
+        self._scored.inc(len(scores.neg_elbo))
+        if len(self._level_values):
+            index = np.searchsorted(self._level_values, scores.neg_elbo, side="left")
+            metrics.observe_levels(self._anomaly_score, self._level_bounds[index])
+        return scores
 
     async def generate(self, count: int, labels, temperature: float, seed: int | None, deadline=None):
         labels = list(labels)

@@ -116,14 +116,11 @@ async def _score(call: Call) -> dict[str, np.ndarray]:
     per_feature = p.get("per_feature", False) or call.wants("per_feature") or call.wants("support_distance")
     result = await model.score(call.inputs["x"], call.labels(), p.get("threshold"), iw_samples, call.deadline)
     s = result.scores
-    distance = None
-    if per_feature:
-        distance = np.zeros(s.per_feature.shape) if s.support_distance is None else s.support_distance
     call.reply["threshold"] = result.threshold
     return call.pick({
         "neg_elbo": s.neg_elbo, "reconstruction": s.reconstruction, "kl": s.kl, "is_anomaly": result.is_anomaly,
         "out_of_support": s.out_of_support, "neg_iw": s.neg_iw,
-        "per_feature": s.per_feature if per_feature else None, "support_distance": distance,
+        "per_feature": s.per_feature if per_feature else None, "support_distance": s.distances() if per_feature else None,
     })  # fmt: skip
 
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 
 import grpc
-import numpy as np
 
 from vaeserve.errors import ModelNotReady
 from vaeserve.service import status, streams
@@ -104,8 +103,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )  # fmt: skip
             if request.per_feature:
                 response.per_feature.CopyFrom(to_tensor(s.per_feature))
-                distance = np.zeros(s.per_feature.shape) if s.support_distance is None else s.support_distance
-                response.support_distance.CopyFrom(to_tensor(distance))
+                response.support_distance.CopyFrom(to_tensor(s.distances()))
             if s.neg_iw is not None:
                 response.neg_iw.extend(s.neg_iw.tolist())
             return response

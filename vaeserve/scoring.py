@@ -133,6 +133,10 @@ class Scores:
             return np.zeros(len(self.neg_elbo), bool)
         return (self.support_distance > 0).any(axis=1)
 
+    def distances(self) -> np.ndarray:
+        """[rows, features] support_distance, zeros where every value is inside."""
+        return np.zeros(self.per_feature.shape) if self.support_distance is None else self.support_distance
+
     def flagged(self, threshold: float) -> np.ndarray:
         """Anomalous rows: neg_elbo above the threshold, or a value outside the support."""
         flagged = self.neg_elbo > threshold
