@@ -7,15 +7,17 @@ import logging
 
 DESCRIPTION = """\
 Export a checkpoint's encoder and decoder as ONNX graphs, check them against torch in ONNX Runtime
-at batch 1, 7 and 256, compose and check the score graph, calibrate anomaly thresholds on the
-checkpoint's held-out rows, and write REPOSITORY/NAME/VERSION/{encoder,decoder,score}.onnx and
-manifest.json. Then it plots the held-out rows' -ELBO against those thresholds into
+at batch 1, 7 and 256, compose and check the score graph, build and check the neighbour graph of the
+combined anomaly score, calibrate conformal anomaly thresholds on the checkpoint's calibration rows, and
+write REPOSITORY/NAME/VERSION/{encoder,decoder,score,neighbours}.onnx and manifest.json. Then it plots
+the calibration rows' anomaly scores against those thresholds into
 CHECKPOINT/plots/thresholds_NAME_vVERSION.png (the path is printed)."""
 
 EPILOG = """\
 examples:
   vaeserve export runs/digits --repository models --name digits     the next version of models/digits
   vaeserve export runs/digits --name digits --version 3 --exporter dynamo
+  vaeserve export runs/digits --name digits --target-fpr 0.001     a default threshold flagging 0.1% of normal rows
 A version is never overwritten: a --version that exists is refused (omit it for the next number).
 Nothing is left behind by a failed export: it writes into a hidden folder and renames it at the end."""
 
@@ -36,6 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--elbo-samples", type=int, default=None,
                    help="posterior samples of the ELBO the version scores with (default: vaeserve.scoring.ELBO_SAMPLES, "
                    "2; more did not rank anomalies better on the anomaly benchmark)")
+    p.add_argument("--target-fpr", type=float, default=None, metavar="RATE",
+                   help="false-positive rate the default threshold holds on normal rows (default: 0.01); n calibration "
+                   "rows reach rates down to 1/(n+1), and export warns when RATE is below that")
+    p.add_argument("--neighbours", type=int, default=None, metavar="K",
+                   help="nearest training rows in the combined anomaly score's distance part (default: 1); 0 exports "
+                   "-ELBO alone as the default score, without the neighbour graph's work per row")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default: torchscript, the faster; both give parity ~2e-7)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=True,
@@ -50,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from vaeserve.training.checkpoint import load_checkpoint
 
     name = args.name or Path(args.checkpoint).resolve().name
-    options = {} if args.elbo_samples is None else {"elbo_samples": args.elbo_samples}
+    given = {"elbo_samples": args.elbo_samples, "target_false_positive_rate": args.target_fpr, "neighbours": args.neighbours}
+    options = {key: value for key, value in given.items() if value is not None}
     checkpoint = load_checkpoint(args.checkpoint)
     version = export_checkpoint(checkpoint, args.repository, name, args.version,
                                 tolerance=args.tolerance, exporter=args.exporter, **options)
@@ -60,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
              else f"score graph max relative diff {max(parity.score.max_rel_diff.values()):.2g}")  # fmt: skip
     thresholds = version.manifest.thresholds
     print(f"exported {version.path} (parity max abs diff {worst:.2g}, {graph}, "
-          f"default threshold {thresholds.score} > {thresholds.default:.2f})")
+          f"default threshold {thresholds.score} > {thresholds.default:.2f}, flagging "
+          f"{thresholds.promised_false_positive_rate:.2%} of normal rows like its {thresholds.calibration_rows} calibration rows)")
     if args.plots:
         from vaeserve.training.plots import plot_thresholds
 

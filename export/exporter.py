@@ -6,6 +6,7 @@ on them; the held-out rows are scored for thresholds; manifest.json is written l
 folder is renamed into place. On any failure the temp folder is removed: no complete version is left.
 """
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -22,15 +23,18 @@ import torch
 import vaeserve
 from vaeserve import scoring
 from vaeserve.artifact.manifest import (
-    NAME_PATTERN, GraphInfo, InputInfo, Manifest, ModelInfo, Parity, ScoringInfo, file_sha256, write_manifest,
+    NAME_PATTERN, GraphInfo, InputInfo, Manifest, ModelInfo, NeighbourInfo, Parity, ScoringInfo, file_sha256,
+    write_manifest,
 )  # fmt: skip
 from vaeserve.artifact.repository import ModelVersion, load_version, next_version
-from vaeserve.artifact.runtime import Graph, scorer
+from vaeserve.artifact.runtime import Graph, neighbours_callable, scorer
 from vaeserve.errors import ArtifactError, ConfigError, ExportError
-from vaeserve.export.calibrate import MAX_ROWS, calibrate
-from vaeserve.export.graphs import OPSET, describe, describe_score, export_graph, write_score_graph
+from vaeserve.export.calibrate import MAX_ROWS, TARGET_FALSE_POSITIVE_RATE, calibrate
+from vaeserve.export.graphs import (
+    OPSET, build_neighbour_graph, describe, describe_neighbours, describe_score, export_graph, write_score_graph,
+)  # fmt: skip
 from vaeserve.export.validate import (
-    BATCH_SIZES, SCORE_TOLERANCE, TOLERANCE, check_parity, max_abs_diff, parity_batches, score_parity,
+    BATCH_SIZES, SCORE_TOLERANCE, TOLERANCE, check_parity, max_abs_diff, neighbour_parity, parity_batches, score_parity,
 )  # fmt: skip
 from vaeserve.training.checkpoint import Checkpoint, load_checkpoint
 
@@ -48,11 +52,15 @@ def export_checkpoint(
     exporter: str = "torchscript",
     score_tolerance: float = SCORE_TOLERANCE,
     elbo_samples: int = scoring.ELBO_SAMPLES,
+    neighbours: int = scoring.NEIGHBOURS_K,
+    target_false_positive_rate: float = TARGET_FALSE_POSITIVE_RATE,
 ) -> ModelVersion:
     """Export a checkpoint as `repository/name/version`; the next free version when none is given.
     `tolerance`: max abs difference of the encoder and decoder from torch; `score_tolerance`: relative
     difference of the score graph from the NumPy scorer (validate.score_parity); `elbo_samples`: posterior
-    samples of the ELBO this version scores with (recorded in the manifest, baked into the score graph)."""
+    samples of the ELBO this version scores with (recorded in the manifest, baked into the score graph);
+    `neighbours`: k of the combined score's kNN part (0: -ELBO is the default score); `target_false_positive_rate`:
+    the rate the default threshold holds on normal rows (conformal, vaeserve.conformal)."""
     started = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not NAME_PATTERN.fullmatch(name):
@@ -61,6 +69,10 @@ def export_checkpoint(
         raise ConfigError(f"--version must be a positive integer, got {version}")
     if elbo_samples < 1:
         raise ConfigError(f"--elbo-samples must be at least 1, got {elbo_samples}")
+    if neighbours < 0:
+        raise ConfigError(f"--neighbours must be 0 (none) or more, got {neighbours}")
+    if not 0 < target_false_positive_rate < 1:
+        raise ConfigError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = version or next_version(model_dir)
@@ -70,7 +82,8 @@ def export_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
-        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter, score_tolerance, elbo_samples))
+        write_manifest(tmp, _build(ckpt, tmp, name, version, tolerance, batch_sizes, exporter, score_tolerance, elbo_samples,
+                                   neighbours, target_false_positive_rate))  # fmt: skip
         try:
             os.rename(tmp, final)  # fails when another export took this number meanwhile
         except OSError as err:
@@ -83,7 +96,7 @@ def export_checkpoint(
 
 
 def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, batch_sizes, exporter,
-           score_tolerance, elbo_samples) -> Manifest:  # fmt: skip
+           score_tolerance, elbo_samples, k, target) -> Manifest:  # fmt: skip
     config, data, model = ckpt.model_config, ckpt.data, ckpt.model
     model.eval()
     if data.support is None:
@@ -127,6 +140,11 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         (folder / score_spec.file).unlink()
         score_check = None
         rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info)
+
+    scoring_info, neighbour_check = _combined_score(ckpt, folder, rows, raw, scoring_info, entries, graphs, k, batch_sizes)
+    rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info, graphs.get("score"),
+                  graphs.get("neighbours"))  # fmt: skip
+    calibration_rows, calibrated_on = _calibration_rows(ckpt, raw)
     return Manifest(
         name=name,
         version=version,
@@ -141,14 +159,68 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         encoder=entries["encoder"],
         decoder=entries["decoder"],
         score=entries.get("score"),
+        neighbours=entries.get("neighbours"),
         opset=OPSET,
         exporter=exporter,
         producer={"vaeserve": vaeserve.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__},  # fmt: skip
-        parity=Parity(tuple(batch_sizes), tolerance, diffs, score_check),
+        parity=Parity(tuple(batch_sizes), tolerance, diffs, score_check, neighbour_check),
         source_checkpoint={"path": str(Path(ckpt.path).resolve()), "sha256": ckpt.sha256()},
-        thresholds=calibrate(raw, rows, scoring_info.iw_samples),
+        thresholds=calibrate(calibration_rows, rows, scoring_info.iw_samples, target=target, calibrated_on=calibrated_on),
     )
+
+
+def _combined_score(ckpt: Checkpoint, folder: Path, rows: scoring.Scorer, raw: np.ndarray, info: ScoringInfo,
+                    entries: dict, graphs: dict, k: int, batch_sizes) -> tuple[ScoringInfo, object]:  # fmt: skip
+    """The neighbour graph over the checkpoint's reference rows and the validation rows, checked against
+    NumPy, and the combination of -ELBO and knn standardised on the validation rows (which chose the epoch
+    but not the thresholds), each scored leave-one-out. Without k or reference rows (an older checkpoint):
+    the scoring info as it was."""
+    training = None if k == 0 else ckpt.reference_rows()
+    if training is None:
+        if k:
+            log.warning("%s holds no reference rows (trained by an older vaeserve): -ELBO is the default score", ckpt.path)
+        return info, None
+    if training.ndim != 2 or training.shape[1] != ckpt.model_config.input_dim:
+        raise ArtifactError(f"{ckpt.path}: reference rows have shape {training.shape}; the model takes "
+                            f"{ckpt.model_config.input_dim} features")  # fmt: skip
+    validation = raw[:MAX_ROWS]
+    pooled = np.concatenate([training, validation])
+    kept = np.arange(len(pooled))
+    budget = scoring.reference_budget(pooled.shape[1])
+    if len(pooled) > budget:
+        kept = np.sort(np.random.default_rng(scoring.SEED).choice(len(pooled), budget, replace=False))
+    reference = rows.neighbour_input(pooled[kept])
+    if len(reference) <= k:
+        raise ArtifactError(f"{ckpt.path}: {len(reference)} reference rows; {k} neighbours need more")
+    spec = describe_neighbours(ckpt.model_config)
+    onnx.save(build_neighbour_graph(reference, k, spec), str(folder / spec.file))
+    entries["neighbours"] = GraphInfo(spec.file, file_sha256(folder / spec.file), spec.inputs, spec.outputs)
+    graphs["neighbours"] = Graph(folder / spec.file, entries["neighbours"])
+    held = ckpt.calibration_rows()  # rows outside the reference: the validation rows would sit at distance 0
+    checked = validation if held is None else held[0][:MAX_ROWS].astype(np.float32)
+    check = neighbour_parity(neighbours_callable(graphs["neighbours"]), rows.neighbour_input(checked), reference, k,
+                             batch_sizes)  # fmt: skip
+    info = dataclasses.replace(info, neighbours=NeighbourInfo(k, len(reference)))
+    s = rows.score(validation, None)  # label-free, as calibration scores
+    # Each validation row's place in the reference (-1 if it was not kept): left out of its own distance.
+    place = np.full(len(pooled), -1)
+    place[kept] = np.arange(len(kept))
+    s.knn = scoring.neighbour_distance(rows.neighbour_input(validation), reference, k, exclude=place[len(training):])
+    return dataclasses.replace(info, combination=scoring.Combination.fit(s)), check
+
+
+def _calibration_rows(ckpt: Checkpoint, validation: np.ndarray) -> tuple[np.ndarray, str]:
+    """The checkpoint's calibration rows; the validation rows, with a warning, for one trained before them."""
+    held = ckpt.calibration_rows()
+    if held is None:
+        log.warning("%s holds no calibration rows (trained by an older vaeserve): the thresholds are calibrated on the "
+                    "validation rows, which chose the epoch, so the false-positive rate may run above target", ckpt.path)  # fmt: skip
+        return validation, "validation rows of the checkpoint (it holds no calibration rows)"
+    x = held[0]
+    if x.ndim != 2 or x.shape[1] != ckpt.model_config.input_dim or len(x) == 0:
+        raise ArtifactError(f"{ckpt.path}: calibration rows have shape {x.shape}, the model takes {ckpt.model_config.input_dim} features")
+    return x.astype(np.float32), "calibration rows held out of training and early stopping"
 
 
 def _validation_rows(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray | None, list[float] | None]:

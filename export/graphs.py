@@ -3,6 +3,7 @@
     encoder.onnx   x [N, features] (, y [N, classes])  ->  mu, logvar [N, latent]
     decoder.onnx   z [N, latent]   (, y [N, classes])  ->  scoring.decoder_outputs(likelihood), each [N, features]
     score.onnx     x [N, features] (, y [N, classes])  ->  neg_elbo, reconstruction, kl [N, 1], per_feature [N, features]
+    neighbours.onnx  x [N, features]                   ->  knn [N, 1]: mean squared distance to the k nearest reference rows
 
 The encoder and decoder are exported from torch; the score graph is composed from the two exported graphs
 (build_score_graph) and its scores are float64.
@@ -192,3 +193,48 @@ def write_score_graph(encoder: Path, decoder: Path, spec: GraphSpec, path: Path,
     model = build_score_graph(onnx.load(str(encoder)), onnx.load(str(decoder)), spec, likelihood, latent_dim,
                               elbo_samples, seed)  # fmt: skip
     onnx.save(model, str(path))
+
+
+# The neighbour graph: the kNN part of the default anomaly score (vaeserve.scoring.neighbour_distance).
+#
+#     neighbours.onnx   x [N, features]  ->  knn [N, 1] float64
+#
+# The reference rows (normalised training and validation rows) are an initializer, transposed, with their
+# squared norms: |x - r|^2 = |x|^2 - 2 x.r + |r|^2, one MatMul for every pair, clipped at 0 (rounding), the
+# k smallest by TopK, and their mean, cast to float64.
+NEIGHBOUR_GRAPH = "neighbours"
+
+
+def describe_neighbours(config: ModelConfig) -> GraphSpec:
+    """The neighbour graph's named inputs and outputs for a model config."""
+    return GraphSpec(NEIGHBOUR_GRAPH, *graph_contract(config.input_dim, config.latent_dim, config.likelihood)["neighbours"])
+
+
+def build_neighbour_graph(reference: np.ndarray, k: int, spec: GraphSpec) -> onnx.ModelProto:
+    """The neighbour graph over `reference` [rows, features] (normalised), averaging the k nearest."""
+    reference = np.asarray(reference, np.float32)
+    if not 1 <= k <= len(reference):
+        raise ConfigError(f"k = {k} neighbours needs 1 to {len(reference)} reference rows")
+    constants = {
+        "reference_t": reference.T.copy(), "reference_sq": (reference.astype(np.float64) ** 2).sum(axis=1)[None].astype(np.float32),
+        "axis1": np.asarray([1], np.int64), "k": np.asarray([k], np.int64), "minus_two": np.asarray(-2.0, np.float32),
+    }  # fmt: skip
+    nodes = []
+
+    def op(kind, inputs, output, **attrs):
+        nodes.append(helper.make_node(kind, inputs, [output], name=output, **attrs))
+        return output
+
+    x_sq = op("ReduceSumSquare", ["x", "axis1"], "x_sq", keepdims=1)
+    cross = op("Mul", [op("MatMul", ["x", "reference_t"], "x_dot_r"), "minus_two"], "cross")
+    squared = op("Relu", [op("Add", [op("Add", [x_sq, cross], "x_sq_cross"), "reference_sq"], "squared_raw")], "squared")
+    nodes.append(helper.make_node("TopK", [squared, "k"], ["nearest", "nearest_index"], name="nearest", axis=1, largest=0))
+    op("Cast", [op("ReduceMean", ["nearest", "axis1"], "mean_squared", keepdims=1)], "knn", to=TensorProto.DOUBLE)
+    inputs = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [BATCH, t.width]) for t in spec.inputs]
+    outputs = [helper.make_tensor_value_info(t.name, TensorProto.DOUBLE, [BATCH, t.width]) for t in spec.outputs]
+    graph = helper.make_graph(nodes, NEIGHBOUR_GRAPH, inputs, outputs,
+                              initializer=[numpy_helper.from_array(v, name) for name, v in constants.items()])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="vaeserve")
+    model.ir_version = 10  # what onnxruntime 1.31 reads (make_model stamps the newest the onnx package knows)
+    onnx.checker.check_model(model, full_check=True)
+    return model

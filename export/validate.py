@@ -13,7 +13,7 @@ import torch
 from vaeserve.artifact.manifest import ScoreParity
 from vaeserve.errors import ExportError
 from vaeserve.artifact.runtime import Graph
-from vaeserve.scoring import Scorer
+from vaeserve.scoring import Scorer, neighbour_distance
 from vaeserve.export.graphs import GraphSpec
 
 BATCH_SIZES = (1, 7, 256)
@@ -98,3 +98,24 @@ def score_parity(scorer: Scorer, raw: np.ndarray, labels: np.ndarray | None, bat
         listed = ", ".join(f"score.{name} max abs diff {a:.3g} (relative {r:.3g})" for name, a, r in failed)
         raise ExportError(f"the score graph disagrees with the NumPy scorer beyond relative tolerance {tolerance:g}: {listed}")
     return ScoreParity(tuple(batch_sizes), len(raw), tolerance, absolute, relative)
+
+
+# The neighbour graph computes squared distances in float32 as |x|^2 - 2 x.r + |r|^2: near a reference row
+# the terms cancel, to float32 rounding of |x|^2 (~1e-5 at |x|^2 ~ 64).
+NEIGHBOUR_TOLERANCE = 1e-3  # |graph - numpy| <= NEIGHBOUR_TOLERANCE * (1 + |numpy|), squared normalised units
+
+
+def neighbour_parity(knn, rows: np.ndarray, reference: np.ndarray, k: int, batch_sizes=BATCH_SIZES,
+                     tolerance: float = NEIGHBOUR_TOLERANCE) -> ScoreParity:  # fmt: skip
+    """The neighbour graph `knn` (normalised rows -> [rows] distances) against scoring.neighbour_distance in
+    float64 on normalised held-out rows: all in one call and at each batch size; ExportError beyond tolerance."""
+    absolute = relative = 0.0
+    for size in (None, *batch_sizes):
+        x = rows[np.arange(len(rows) if size is None else size) % len(rows)]
+        got, want = np.asarray(knn(x), np.float64).reshape(-1), neighbour_distance(x, reference, k)
+        diff = np.abs(got - want)
+        absolute, relative = max(absolute, float(diff.max())), max(relative, float((diff / (1 + want)).max()))
+    if not relative <= tolerance:
+        raise ExportError(f"the neighbour graph disagrees with the NumPy distances beyond relative tolerance {tolerance:g}: "
+                          f"max abs diff {absolute:.3g} (relative {relative:.3g})")  # fmt: skip
+    return ScoreParity(tuple(batch_sizes), len(rows), tolerance, {"knn": absolute}, {"knn": relative})

@@ -95,12 +95,19 @@ with no valid version: one line, exit status 2.""",
                  "mean_squared_error (raw units).",
                  "vaeserve client reconstruct --model digits rows.csv --json")  # fmt: skip
     p = rows_command("score", "anomaly scores per row",
-                     "Score each row: neg_elbo = reconstruction + kl (nats), is_anomaly (neg_elbo over the threshold, "
-                     "or a value outside the model's support) and out_of_support. --out FILE writes every row with its "
-                     "top features by per-feature score.",
+                     "Score each row: the model's anomaly_score (the score its threshold applies to: combined, or "
+                     "neg_elbo) and its p_value, neg_elbo = reconstruction + kl (nats), knn_distance, is_anomaly "
+                     "(anomaly_score over the threshold) and out_of_support. --alpha A flags at false-positive rate A "
+                     "instead: the rows with p_value <= A. --out FILE writes every row with its top features by "
+                     "per-feature score.",
                      "vaeserve client score --model digits rows.csv --per-feature",
+                     "vaeserve client score --model digits rows.csv --alpha 0.01",
                      "vaeserve client score --model digits rows.csv --iw-samples 64 --out scores.jsonl")  # fmt: skip
-    p.add_argument("--threshold", type=float, help="override the manifest's threshold on neg_elbo")
+    flag = p.add_mutually_exclusive_group()
+    flag.add_argument("--threshold", type=float, help="override the manifest's threshold on the anomaly score")
+    flag.add_argument("--alpha", type=float, metavar="A",
+                      help="flag at false-positive rate A in (0, 1): rows with p_value <= A (versions with conformal "
+                      "calibration; `client models --model M` shows the smallest A)")  # fmt: skip
     p.add_argument("--per-feature", action="store_true",
                    help="also show each row's top features (table), or every feature's score (--json)")
     p.add_argument("--top", type=int, default=3, metavar="K",
@@ -121,7 +128,8 @@ with no valid version: one line, exit status 2.""",
                  "vaeserve client decode --model digits z.csv", input_help="CSV or NPY file of latent rows z")  # fmt: skip
     command("models", "list models, or describe one with --model",
             "Every model the server serves with its versions; with --model, one version's summary: kind, features, "
-            "labels, likelihood, threshold and how it was calibrated, quantiles, providers per graph, limits.",
+            "labels, likelihood, threshold and how it was calibrated, its false-positive rates (target, the one the "
+            "threshold holds, the smallest --alpha), quantiles, providers per graph, limits.",
             "vaeserve client models", "vaeserve client models --model digits --json")  # fmt: skip
     client.set_defaults(func=_client)
 
@@ -200,10 +208,10 @@ def _call(client, args) -> int:
             x, labels = _input(args, info, names, command)
             if command == "score":
                 ask = args.per_feature or args.out is not None  # the top features need per-feature scores
-                r = client.score(info.name, x, labels, threshold=args.threshold, per_feature=ask,
+                r = client.score(info.name, x, labels, threshold=args.threshold, alpha=args.alpha, per_feature=ask,
                                  iw_samples=args.iw_samples, **options)  # fmt: skip
                 records = output.score_records(r, names, top=args.top if ask else 0, per_feature=args.per_feature)
-                head["threshold"] = r.threshold
+                head |= {"threshold": r.threshold} | ({} if args.alpha is None else {"alpha": args.alpha})
             elif command == "embed":
                 r = client.embed(info.name, x, labels, posterior_samples=args.samples, seed=args.seed, **options)
                 records = output.embed_records(r)
@@ -230,7 +238,8 @@ def _show(args, info, head: dict, records: list[dict]) -> None:
         print(output.dumps(head | {"rows": records}))
     else:
         if anomalies is not None:
-            print(f"{info.name} version {info.version}: threshold {output.number(head['threshold'])} on "
+            at = f"alpha {head['alpha']:g}, " if "alpha" in head else ""
+            print(f"{info.name} version {info.version}: {at}threshold {output.number(head['threshold'])} on "
                   f"{info.threshold_score}; {anomalies:,} of {len(records):,} rows anomalous")  # fmt: skip
         output.print_table(records)
         samples = output.sample_table_records(records)

@@ -2,7 +2,8 @@
 
     with Client("localhost:50051") as client:
         result = client.score("digits", rows)           # rows: [N, features] raw floats, or one row [features]
-        result.neg_elbo, result.is_anomaly
+        result.anomaly_score, result.p_value, result.is_anomaly
+        client.score("digits", rows, alpha=0.01)        # flag at a 1% false-positive rate: p_value <= 0.01
 
     Client("vae.example.com:50051", ca="ca.pem", cert="client.pem", key="client.key", token=token)
 
@@ -238,12 +239,15 @@ class ScoreResult:
     neg_elbo: np.ndarray
     reconstruction: np.ndarray
     kl: np.ndarray
-    is_anomaly: np.ndarray  # neg_elbo > threshold, or out_of_support
-    threshold: float  # the threshold applied
+    is_anomaly: np.ndarray  # anomaly_score > threshold
+    threshold: float  # the threshold applied, on anomaly_score
     per_feature: np.ndarray | None  # [N, features], with per_feature=True
     neg_iw: np.ndarray | None  # with iw_samples K > 0
-    out_of_support: np.ndarray  # bool per row: a value outside the model's support (always flagged)
+    out_of_support: np.ndarray  # bool per row: a value outside the model's support (its penalty is in the scores)
     support_distance: np.ndarray | None  # [N, features], with per_feature: how far each value lies outside
+    anomaly_score: np.ndarray  # the version's anomaly score (ModelInfo.threshold_score): what is_anomaly compares
+    p_value: np.ndarray | None  # conformal p-value of anomaly_score; None for a version without calibration
+    knn_distance: np.ndarray | None  # squared distance to the nearest training row; None without neighbours
     version: int = 0
 
 
@@ -280,9 +284,18 @@ class Calibration:
 
     quantile: str | None  # the quantile of `score` the default threshold is ("0.99"), None if none of them
     target_false_positive_rate: float
-    rows: int  # rows it was calibrated on
+    rows: int  # rows it was calibrated on, n
     calibrated_on: str  # which rows
     label_free: bool  # a CVAE's rows scored label-free
+    # The rate the default threshold holds on rows like the calibration rows, k/(n+1) <= target, or 1/(n+1)
+    # above it when n rows cannot reach the target; the target itself for a version without conformal calibration.
+    promised_false_positive_rate: float
+    smallest_false_positive_rate: float | None  # 1/(n+1), the smallest `alpha`; None without conformal calibration
+
+    @property
+    def target_reached(self) -> bool:
+        """Whether the default threshold holds the target rate (False: too few calibration rows for it)."""
+        return self.promised_false_positive_rate <= self.target_false_positive_rate * (1 + 1e-9)
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,7 +317,7 @@ class ModelInfo:
     label_column: str | None  # a CVAE's: the column its training data held the labels in, when recorded
     class_prior: tuple[float, ...]  # a CVAE's p(y), in label order
     threshold: float  # the default threshold on `threshold_score`
-    threshold_score: str  # "neg_elbo"
+    threshold_score: str  # the score thresholds apply to, ScoreResult.anomaly_score: "combined" or "neg_elbo"
     quantiles: dict[str, dict[str, float]]  # score -> quantile ("0.99") -> value; both sorted
     calibration: Calibration | None
     elbo_samples: int  # posterior samples of each Score's ELBO
@@ -332,8 +345,10 @@ def _parse_model(m: pb.ModelMetadata) -> ModelInfo:
     if "thresholds" in manifest:
         saved = manifest["thresholds"]
         quantile = next((q for q, value in quantiles.get(t.score, {}).items() if value == t.default), None)
-        calibration = Calibration(quantile, saved["target_false_positive_rate"], saved["calibration_rows"],
-                                  saved["calibrated_on"], saved["label_free"])  # fmt: skip
+        target = saved["target_false_positive_rate"]
+        calibration = Calibration(quantile, target, saved["calibration_rows"], saved["calibrated_on"], saved["label_free"],
+                                  saved.get("promised_false_positive_rate", target),
+                                  saved.get("smallest_false_positive_rate"))  # fmt: skip
     graphs = {"encoder": m.encoder, "decoder": m.decoder} | ({"score": m.score} if m.HasField("score") else {})
     limits = m.limits if m.HasField("limits") else None
     return ModelInfo(
@@ -360,10 +375,15 @@ def _parse_reconstruct(r: pb.ReconstructResponse) -> Reconstruction:
 
 
 def _parse_score(r: pb.ScoreResponse) -> ScoreResult:
+    def rows(values) -> np.ndarray | None:
+        return np.asarray(values) if len(values) else None
+
     return ScoreResult(
         np.asarray(r.neg_elbo), np.asarray(r.reconstruction), np.asarray(r.kl), np.asarray(r.is_anomaly, bool),
-        r.threshold, to_array(r.per_feature), np.asarray(r.neg_iw) if len(r.neg_iw) else None,
-        np.asarray(r.out_of_support, bool), to_array(r.support_distance), r.version,
+        r.threshold, to_array(r.per_feature), rows(r.neg_iw), np.asarray(r.out_of_support, bool),
+        to_array(r.support_distance),
+        anomaly_score=np.asarray(r.anomaly_score if len(r.anomaly_score) else r.neg_elbo),  # an older server's score was neg_elbo
+        p_value=rows(r.p_value), knn_distance=rows(r.knn_distance), version=r.version,
     )  # fmt: skip
 
 
@@ -397,10 +417,10 @@ def _joined(parts: list):
     return type(first)(**joined)
 
 
-def _score_request(model: str, x, labels, *, version: int, threshold: float | None, per_feature: bool,
-                   iw_samples: int) -> pb.ScoreRequest:  # fmt: skip
-    return pb.ScoreRequest(model=model, version=version, x=to_tensor(x), labels=labels or [],
-                           threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)  # fmt: skip
+def _score_request(model: str, x, labels, *, version: int, threshold: float | None, alpha: float | None,
+                   per_feature: bool, iw_samples: int) -> pb.ScoreRequest:  # fmt: skip
+    return pb.ScoreRequest(model=model, version=version, x=to_tensor(x), labels=labels or [], threshold=threshold,
+                           alpha=alpha, per_feature=per_feature, iw_samples=iw_samples)  # fmt: skip
 
 
 _ENDED = object()
@@ -514,17 +534,20 @@ class _Requests:
                                lambda m: m.features, progress, len(x) > PLANNED_ROWS, _fits(labels, len(x))))  # fmt: skip
 
     def score(self, model: str, x, labels=None, *, version: int = 0, threshold: float | None = None,
-              per_feature: bool = False, iw_samples: int = 0, progress: Progress | None = None):  # fmt: skip
-        """Anomaly scores of each row of `x` ([N, features] raw values, or one row): a ScoreResult with
-        neg_elbo = reconstruction + kl, is_anomaly (neg_elbo above `threshold`, the manifest's calibrated
-        default when None, or a value outside the support) and out_of_support; with `per_feature` the
-        per-feature scores and support distances [N, features]; with `iw_samples` K > 0 the K-sample
+              alpha: float | None = None, per_feature: bool = False, iw_samples: int = 0,
+              progress: Progress | None = None):  # fmt: skip
+        """Anomaly scores of each row of `x` ([N, features] raw values, or one row): a ScoreResult with the
+        version's anomaly_score, its p_value (versions with conformal calibration), neg_elbo = reconstruction
+        + kl, knn_distance (versions with neighbours), is_anomaly (anomaly_score above `threshold`, the
+        manifest's calibrated default when None) and out_of_support. `alpha` in place of a threshold flags
+        at that false-positive rate: the rows with p_value <= alpha. With `per_feature` the per-feature
+        scores and support distances [N, features]; with `iw_samples` K > 0 the K-sample
         importance-weighted score neg_iw. A CVAE's rows without `labels` are scored label-free."""
         x = _as_rows(x)
         labels = _labels(labels, len(x))
 
         def request(part, version, index):
-            return _score_request(model, x[part], labels[part], version=version, threshold=threshold,
+            return _score_request(model, x[part], labels[part], version=version, threshold=threshold, alpha=alpha,
                                   per_feature=per_feature, iw_samples=iw_samples)  # fmt: skip
 
         return self._run(_Call("Score", model, version, len(x), request, _parse_score, _score_work(iw_samples, bool(labels)),
@@ -651,13 +674,14 @@ class Client(_Requests):
         return _joined(answers)
 
     def score_stream(self, model: str, rows: Iterable, labels: Iterable | None = None, *, version: int = 0,
-                     threshold: float | None = None, per_feature: bool = False, iw_samples: int = 0,
-                     timeout: float | None = None) -> Iterator[ScoreResult | StreamError]:  # fmt: skip
+                     threshold: float | None = None, alpha: float | None = None, per_feature: bool = False,
+                     iw_samples: int = 0, timeout: float | None = None) -> Iterator[ScoreResult | StreamError]:  # fmt: skip
         """Score each item of `rows` (a 1-D row, or a 2-D array of rows; `labels` parallel to it: a label,
         or a list) on one stream: per item, in order, its ScoreResult or StreamError. `timeout` is the
         whole stream's deadline (none by default: a feed need not end). A failure of the stream itself
         raises its ServerError."""
-        options = dict(model=model, version=version, threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)
+        options = dict(model=model, version=version, threshold=threshold, alpha=alpha, per_feature=per_feature,
+                       iw_samples=iw_samples)  # fmt: skip
         failed = []  # gRPC reads the requests in a thread of its own and only cancels the call when that fails
 
         def requests():
@@ -772,11 +796,12 @@ class AsyncClient(_Requests):
         return _joined(answers)
 
     async def score_stream(self, model: str, rows: Iterable | AsyncIterable, labels: Iterable | None = None, *,
-                           version: int = 0, threshold: float | None = None, per_feature: bool = False,
-                           iw_samples: int = 0,
+                           version: int = 0, threshold: float | None = None, alpha: float | None = None,
+                           per_feature: bool = False, iw_samples: int = 0,
                            timeout: float | None = None) -> AsyncIterator[ScoreResult | StreamError]:  # fmt: skip
         """Client.score_stream, with `rows` an iterable or an async iterable."""
-        options = dict(model=model, version=version, threshold=threshold, per_feature=per_feature, iw_samples=iw_samples)
+        options = dict(model=model, version=version, threshold=threshold, alpha=alpha, per_feature=per_feature,
+                       iw_samples=iw_samples)  # fmt: skip
         failed = []  # gRPC reads the requests in a task of its own and only cancels the call when that fails
 
         async def requests():

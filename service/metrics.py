@@ -25,22 +25,23 @@ SERVED_VERSION: contextvars.ContextVar[str] = contextvars.ContextVar("served_ver
 
 # Anomaly scores, per model and version, for the operator: how many rows are flagged, and where scores
 # fall against the model's calibration. A row's level is the smallest calibration quantile level whose
-# -ELBO it does not exceed (1 above them all): vaeserve_anomaly_score_bucket{le="0.99"} counts the rows at
-# or below the 99th percentile of the held-out calibration scores, so on data like the calibration rows,
-# 1 - bucket{le="0.99"} / count is 0.01, whatever thresholds the requests applied.
+# anomaly score (the score the manifest's thresholds apply to: combined, or -ELBO) it does not exceed (1 above
+# them all): vaeserve_anomaly_score_bucket{le="0.99"} counts the rows at or below the 99th percentile of the
+# held-out calibration scores, so on data like the calibration rows, 1 - bucket{le="0.99"} / count is 0.01,
+# whatever thresholds the requests applied.
 QUANTILE_LEVELS = (0.95, 0.99, 0.999)  # export.calibrate.QUANTILES (a test checks)
 SCORED_ROWS = Counter("vaeserve_scored_rows", "rows scored (Score, ScoreStream, ModelInfer)", ["model", "version"])
 ANOMALOUS_ROWS = Counter(
-    "vaeserve_anomalous_rows", "rows answered is_anomaly (above the threshold applied, or outside the support)",
+    "vaeserve_anomalous_rows", "rows answered is_anomaly (anomaly score above the threshold applied)",
     ["model", "version"],
 )
 ANOMALY_SCORE = Histogram(
-    "vaeserve_anomaly_score", "rows by the calibration quantile level their -ELBO reaches (le: quantile level)",
+    "vaeserve_anomaly_score", "rows by the calibration quantile level their anomaly score reaches (le: quantile level)",
     ["model", "version"], buckets=QUANTILE_LEVELS,
 )
 EXPECTED_ANOMALY_RATE = Gauge(
     "vaeserve_expected_anomaly_rate", "share of rows like the calibration rows flagged at the default threshold "
-    "(its target false-positive rate)", ["model", "version"], multiprocess_mode="livemax",
+    "(the false-positive rate it holds, k/(n+1) of n calibration rows)", ["model", "version"], multiprocess_mode="livemax",
 )
 QUEUE_WAIT = Histogram(
     "vaeserve_queue_wait_seconds", "time a request waited in a graph's batcher queue", ["model", "graph"],

@@ -5,9 +5,14 @@ checked here and rejected with InvalidInput naming the problem, and every reques
 against the settings' budget before anything is computed; nothing here knows about gRPC.
 
 What a row outside the model's support gets (see vaeserve.scoring.Scorer): Score scores the row brought
-back into the support plus a penalty growing with the distance outside, and flags it whatever the
-threshold; Embed and Reconstruct work on the row brought back, and Reconstruct's neg_log_likelihood
-carries the same penalty.
+back into the support plus a penalty growing with the distance outside, which its anomaly score carries
+(so a row far outside is flagged, and the calibrated false-positive rate holds for rows just past the
+range); Embed and Reconstruct work on the row brought back, and Reconstruct's neg_log_likelihood carries
+the same penalty.
+
+Score flags rows whose anomaly score (the score the manifest's thresholds apply to) is above the threshold:
+the request's, or the one a requested false-positive rate alpha gives on the version's conformal
+calibration (vaeserve.conformal), or the manifest's default.
 
 Which versions are served: the newest max_versions of each model that load (all of them when 0). The
 repository is read at start and again on every rescan (vaeserve.service.reload says when), where a folder
@@ -50,7 +55,7 @@ MAX_LATENT = 1000.0  # Decode: |z| per coordinate, in prior standard deviations
 @dataclass
 class ScoreResult:
     scores: scoring.Scores
-    threshold: float
+    threshold: float  # on scores.anomaly_score
     is_anomaly: np.ndarray
 
 
@@ -74,7 +79,8 @@ class ServedModel:
         self._version_label = str(self.version)
         self._scored = metrics.SCORED_ROWS.labels(self.name, self._version_label)
         self._anomalous = metrics.ANOMALOUS_ROWS.labels(self.name, self._version_label)
-        calibration = m.thresholds.quantiles.get("neg_elbo", {})
+        # The histogram places anomaly scores among the quantiles of the score the thresholds apply to.
+        calibration = m.thresholds.quantiles.get(m.thresholds.score, {})
         levels = [q for q in metrics.QUANTILE_LEVELS if str(q) in calibration]  # what the manifest holds
         self._level_values = np.array([calibration[str(q)] for q in levels])
         self._level_bounds = np.array([*levels, 1.0])  # a row's level by its index among the values
@@ -228,18 +234,31 @@ class ServedModel:
         mse = np.mean((x.astype(np.float64) - x_hat) ** 2, axis=1)
         return x_hat, scoring.fail_safe(nll), scoring.fail_safe(mse)
 
-    async def score(self, x, labels, threshold: float | None, iw_samples: int, deadline=None) -> ScoreResult:
+    def flag_threshold(self, threshold: float | None, alpha: float | None) -> float:
+        """The threshold a Score applies on the anomaly score: the request's, the one that flags p-values
+        <= alpha (false-positive rate alpha on rows like the calibration rows), or the manifest's default."""
+        if alpha is None:
+            if threshold is not None and not np.isfinite(threshold):
+                raise InvalidInput(f"threshold must be finite, got {threshold}")
+            return self.threshold if threshold is None else float(threshold)
+        if threshold is not None:
+            raise InvalidInput("give a threshold or alpha, not both: alpha sets the threshold")
+        if self.scorer.calibration is None:
+            raise InvalidInput(f"model {quoted(self.name)} version {self.version} was exported without conformal "
+                               "calibration: it has no p-values to flag at alpha; send a threshold")  # fmt: skip
+        return self.scorer.calibration.threshold(float(alpha))
+
+    async def score(self, x, labels, threshold: float | None, iw_samples: int, deadline=None,
+                    alpha: float | None = None) -> ScoreResult:  # fmt: skip
         x = self.finite(x)
         y = self.one_hot(labels, len(x), required=False)
         if iw_samples > self.settings.max_iw_samples:
             raise InvalidInput(f"iw_samples {iw_samples} is more than the limit of {self.settings.max_iw_samples}")
-        if threshold is not None and not np.isfinite(threshold):
-            raise InvalidInput(f"threshold must be finite, got {threshold}")
+        threshold = self.flag_threshold(threshold, alpha)
         self.budget(self.scorer.work_terms(len(x), y is not None, iw_samples))
 
         feeds = {"x": x} if y is None else {"x": x, "y": y}  # normalised once per batch
         scores = await self.batchers["score"].submit(feeds, deadline, key=(y is not None, iw_samples))
-        threshold = self.threshold if threshold is None else float(threshold)
         result = ScoreResult(scores, threshold, scores.flagged(threshold))
         self._anomalous.inc(int(np.count_nonzero(result.is_anomaly)))  # at the request's own threshold
         return result
@@ -253,12 +272,12 @@ class ServedModel:
 
     def _score_batch(self, feeds: dict, key: tuple) -> scoring.Scores:
         """Score the raw rows of a batch of requests that share their options, and count them in the anomaly
-        metrics: each row's calibration quantile level is the smallest level whose calibration -ELBO it does
-        not exceed (1 above them all). Once per batch, not per request: single-row calls come in batches."""
+        metrics: each row's calibration quantile level is the smallest level whose calibration anomaly score
+        it does not exceed (1 above them all). Once per batch, not per request: single-row calls come in batches."""
         scores = self.scorer.score(feeds["x"], feeds.get("y"), key[1])
         self._scored.inc(len(scores.neg_elbo))
         if len(self._level_values):
-            index = np.searchsorted(self._level_values, scores.neg_elbo, side="left")
+            index = np.searchsorted(self._level_values, scores.anomaly_score, side="left")
             metrics.observe_levels(self._anomaly_score, self._level_bounds[index])
         return scores
 
@@ -533,11 +552,12 @@ class ModelRegistry:
 
 
 def _update_model_info(before: list[ServedModel], after: list[ServedModel]) -> None:
-    """One MODEL_INFO child per served graph, one EXPECTED_ANOMALY_RATE child per served version.
-    Prometheus' multiprocess mode cannot remove a child: there a version that left reads 0."""
+    """One MODEL_INFO child per served graph, one EXPECTED_ANOMALY_RATE child per served version (the rate
+    its default threshold holds). Prometheus' multiprocess mode cannot remove a child: there a version that
+    left reads 0."""
     for gauge, children in ((metrics.MODEL_INFO, lambda m: {labels: 1.0 for labels in m.info_labels()}),
                             (metrics.EXPECTED_ANOMALY_RATE,
-                             lambda m: {(m.name, str(m.version)): m.manifest.thresholds.target_false_positive_rate})):  # fmt: skip
+                             lambda m: {(m.name, str(m.version)): m.manifest.thresholds.promised_false_positive_rate})):  # fmt: skip
         served = {labels: value for model in after for labels, value in children(model).items()}
         for labels, value in served.items():
             gauge.labels(*labels).set(value)

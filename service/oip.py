@@ -10,8 +10,8 @@ Each served model is five inference models, one per operation (docs/api.md has t
     <model>.decode       Decode       z FP32 [-1, latent] (+ labels)
     <model>.generate     Generate     count INT64 [1], or labels for a conditional model
 
-Their versions are the model's. Options are request parameters (threshold, iw_samples, per_feature,
-posterior_samples, seed, temperature; threshold and temperature may come as text); an unknown one is
+Their versions are the model's. Options are request parameters (threshold, alpha, iw_samples, per_feature,
+posterior_samples, seed, temperature; threshold, alpha and temperature may come as text); an unknown one is
 INVALID_ARGUMENT, and so are Triton's sequence parameters; `priority` is ignored and `timeout`
 (microseconds) shortens the call's deadline. Inputs come in
 raw_input_contents or typed contents, outputs go out in raw_output_contents (which is what tritonclient
@@ -114,18 +114,25 @@ async def _score(call: Call) -> dict[str, np.ndarray]:
     if call.wants("neg_iw") and not iw_samples:
         iw_samples = model.manifest.scoring.iw_samples  # the sample count the thresholds were calibrated with
     per_feature = p.get("per_feature", False) or call.wants("per_feature") or call.wants("support_distance")
-    result = await model.score(call.inputs["x"], call.labels(), p.get("threshold"), iw_samples, call.deadline)
+    result = await model.score(call.inputs["x"], call.labels(), p.get("threshold"), iw_samples, call.deadline,
+                               alpha=p.get("alpha"))  # fmt: skip
     s = result.scores
     call.reply["threshold"] = result.threshold
     return call.pick({
-        "neg_elbo": s.neg_elbo, "reconstruction": s.reconstruction, "kl": s.kl, "is_anomaly": result.is_anomaly,
+        "neg_elbo": s.neg_elbo, "reconstruction": s.reconstruction, "kl": s.kl, "anomaly_score": s.anomaly_score,
+        "p_value": s.p_value, "knn_distance": s.knn, "is_anomaly": result.is_anomaly,
         "out_of_support": s.out_of_support, "neg_iw": s.neg_iw,
         "per_feature": s.per_feature if per_feature else None, "support_distance": s.distances() if per_feature else None,
     })  # fmt: skip
 
 
 def _score_outputs(model: ServedModel) -> list[Spec]:
-    rows = [Spec(name, "FP64", (-1,)) for name in ("neg_elbo", "reconstruction", "kl")]
+    """Score's outputs; p_value only for a version with conformal calibration, knn_distance only for one
+    with neighbours (the Scorer computes both for every row or for none)."""
+    scorer = model.scorer
+    optional = {"p_value": scorer.calibration is not None, "knn_distance": scorer.neighbours is not None}
+    rows = [Spec(name, "FP64", (-1,)) for name in ("neg_elbo", "reconstruction", "kl", "anomaly_score", "p_value", "knn_distance")
+            if optional.get(name, True)]  # fmt: skip
     flags = [Spec(name, "BOOL", (-1,)) for name in ("is_anomaly", "out_of_support")]
     features = [Spec(name, "FP32", (-1, model.features)) for name in ("per_feature", "support_distance")]
     return [*rows, *flags, Spec("neg_iw", "FP64", (-1,)), *features]
@@ -165,7 +172,7 @@ OPERATIONS = {
     op.suffix: op
     for op in (
         Operation("", lambda m: [Spec("x", "FP32", (-1, m.features)), *_labels_spec(m, optional=True)], _score_outputs,
-                  {"threshold": float, "iw_samples": int, "per_feature": bool}, _score),  # fmt: skip
+                  {"threshold": float, "alpha": float, "iw_samples": int, "per_feature": bool}, _score),  # fmt: skip
         Operation("embed", lambda m: [Spec("x", "FP32", (-1, m.features)), *_labels_spec(m)],
                   lambda m: _rows_out(("mu", "FP32", (m.latent_dim,)), ("logvar", "FP32", (m.latent_dim,)),
                                       ("samples", "FP32", (-1, m.latent_dim))),
@@ -453,7 +460,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         m = model.manifest
         parameters = {"kind": model.kind, "likelihood": model.likelihood, "latent_dim": str(model.latent_dim),
-                      "threshold": repr(model.threshold), "elbo_samples": str(m.scoring.elbo_samples)}  # fmt: skip
+                      "threshold": repr(model.threshold), "threshold_score": m.thresholds.score,
+                      "elbo_samples": str(m.scoring.elbo_samples)}  # fmt: skip
         return pb.ModelConfig(
             name=name, platform=PLATFORM, backend=PLATFORM, version_policy=pb.ModelVersionPolicy(all={}),
             max_batch_size=self.settings.max_rows if batched else 0,

@@ -43,12 +43,13 @@ def _floats(values) -> list[float]:
 
 
 def score_records(result, feature_names, *, top: int = TOP, per_feature: bool = False) -> list[dict]:
-    """Per row: its scores, flags and, when the result has per-feature scores, its `top` features by
-    score; with `per_feature`, every feature's score and support distance too."""
-    columns = {"neg_elbo": result.neg_elbo, "reconstruction": result.reconstruction, "kl": result.kl}
-    if result.neg_iw is not None:
-        columns["neg_iw"] = result.neg_iw
-    values = {name: _floats(v) for name, v in columns.items()}
+    """Per row: its anomaly score and p-value (when the version has them), the other scores, flags and,
+    when the result has per-feature scores, its `top` features by score; with `per_feature`, every
+    feature's score and support distance too."""
+    columns = {"anomaly_score": result.anomaly_score, "p_value": result.p_value, "neg_elbo": result.neg_elbo,
+               "reconstruction": result.reconstruction, "kl": result.kl, "knn_distance": result.knn_distance,
+               "neg_iw": result.neg_iw}  # fmt: skip
+    values = {name: _floats(v) for name, v in columns.items() if v is not None}
     anomaly, outside = np.asarray(result.is_anomaly).tolist(), np.asarray(result.out_of_support).tolist()
     records = [{"row": i, **{name: v[i] for name, v in values.items()}, "is_anomaly": anomaly[i], "out_of_support": outside[i]}
                for i in range(len(result.neg_elbo))]  # fmt: skip
@@ -263,9 +264,10 @@ def model_summary(info) -> list[str]:
     if c is not None:
         quantile = f"its {c.quantile} quantile" if c.quantile else "calibrated"
         free = ", scored label-free" if c.label_free and info.conditional else ""
-        threshold += (f": {quantile} over {c.rows:,} {c.calibrated_on}{free} "
-                      f"(target false-positive rate {c.target_false_positive_rate:g})")  # fmt: skip
+        threshold += f": {quantile} over {c.rows:,} {c.calibrated_on}{free}"
     lines.append(("threshold", threshold))
+    if c is not None:
+        lines.append(("fp rate", _rates(c)))
     for i, (score, values) in enumerate(info.quantiles.items()):
         at = f" (K = {info.iw_samples})" if score == "neg_iw" else ""
         text = "  ".join(f"{q} {number(v)}" for q, v in values.items())
@@ -280,6 +282,18 @@ def model_summary(info) -> list[str]:
     return [f"{topic:<10} {text}".rstrip() for topic, text in lines]
 
 
+def _rates(c) -> str:
+    """The false-positive rates of a version's calibration: its target, what the default threshold holds,
+    and the smallest rate --alpha can ask for."""
+    target = f"target {c.target_false_positive_rate:g}"
+    if c.smallest_false_positive_rate is None:  # calibrated on quantiles, before conformal p-values
+        return f"{target}; no p-values (exported without conformal calibration): --alpha is refused"
+    held = f"the default threshold holds {c.promised_false_positive_rate:.4g}"
+    if not c.target_reached:
+        held = f"out of reach of {c.rows:,} calibration rows: {held}, above it (export with more calibration rows)"
+    return f"{target}, {held}; smallest --alpha {c.smallest_false_positive_rate:.4g} (1/(n+1), n = {c.rows:,})"
+
+
 def model_dict(info) -> dict:
     """`client models --model X --json`: the same, every value in full, integers as numbers."""
     graphs = {}
@@ -290,7 +304,9 @@ def model_dict(info) -> dict:
     c = info.calibration
     calibration = {} if c is None else {
         "quantile": c.quantile, "target_false_positive_rate": c.target_false_positive_rate, "calibration_rows": c.rows,
-        "calibrated_on": c.calibrated_on, "label_free": c.label_free}
+        "calibrated_on": c.calibrated_on, "label_free": c.label_free,
+        "promised_false_positive_rate": c.promised_false_positive_rate,
+        "smallest_false_positive_rate": c.smallest_false_positive_rate, "target_reached": c.target_reached}
     return {
         "name": info.name, "version": info.version, "kind": info.kind, "arch": info.arch,
         "latent_dim": info.latent_dim, "likelihood": info.likelihood, "normalization": info.normalization,

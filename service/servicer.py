@@ -93,19 +93,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Score's answer to one request (a unary call, or a message of ScoreStream), batched with all traffic."""
         with self._model(request) as model:
             threshold = request.threshold if request.HasField("threshold") else None
-            result = await model.score(self._rows(request.x, model), request.labels, threshold, request.iw_samples, deadline)
+            alpha = request.alpha if request.HasField("alpha") else None
+            result = await model.score(self._rows(request.x, model), request.labels, threshold, request.iw_samples, deadline,
+                                       alpha=alpha)  # fmt: skip
             s = result.scores
             response = pb.ScoreResponse(
                 model=model.name, version=model.version, threshold=result.threshold,
                 neg_elbo=s.neg_elbo.tolist(), reconstruction=s.reconstruction.tolist(), kl=s.kl.tolist(),
                 is_anomaly=result.is_anomaly.tolist(),
-                out_of_support=s.out_of_support.tolist(),
+                out_of_support=s.out_of_support.tolist(), anomaly_score=s.anomaly_score.tolist(),
             )  # fmt: skip
             if request.per_feature:
                 response.per_feature.CopyFrom(to_tensor(s.per_feature))
                 response.support_distance.CopyFrom(to_tensor(s.distances()))
-            if s.neg_iw is not None:
-                response.neg_iw.extend(s.neg_iw.tolist())
+            for name, values in (("neg_iw", s.neg_iw), ("p_value", s.p_value), ("knn_distance", s.knn)):
+                if values is not None:
+                    getattr(response, name).extend(values.tolist())
             return response
 
     @rpc
@@ -161,6 +164,10 @@ def metadata(model: ServedModel) -> pb.ModelMetadata:
             score=t.score, default=t.default,
             quantiles={score: pb.Quantiles(values=values) for score, values in t.quantiles.items()},
             elbo_samples=scoring.elbo_samples, iw_samples=scoring.iw_samples, seed=scoring.seed,
+            target_false_positive_rate=t.target_false_positive_rate,
+            promised_false_positive_rate=t.promised_false_positive_rate,
+            smallest_false_positive_rate=t.smallest_false_positive_rate or 0.0,
+            calibration_rows=t.calibration_rows, calibrated_on=t.calibrated_on,
         ),  # fmt: skip
         encoder=graphs["encoder"],
         score=graphs.get("score"),

@@ -16,12 +16,11 @@ TRAIN_STEPS = 150  # enough to move off random init; each model takes well under
 
 @pytest.fixture(scope="session")
 def digits():
-    """The built-in digits with a fixed 90/10 split: (dataset, train index, validation index)."""
+    """The built-in digits with a fixed 80/10/10 split: (dataset, train, validation, calibration indices)."""
     from vaeserve.training.data import load_dataset, split
 
     data = load_dataset("digits")
-    train, val = split(data, 0.1, seed=0)
-    return data, train, val
+    return data, *split(data, 0.1, seed=0, calibration_fraction=0.1)
 
 
 def build_checkpoint(path, digits, steps: int = TRAIN_STEPS, validation_rows: int | None = None, **overrides):
@@ -30,11 +29,11 @@ def build_checkpoint(path, digits, steps: int = TRAIN_STEPS, validation_rows: in
     import torch
 
     from vaeserve.normalization import Normalizer
-    from vaeserve.training.checkpoint import DataSchema, save_checkpoint, save_validation_rows
+    from vaeserve.training.checkpoint import CALIBRATION, REFERENCE, VALIDATION, DataSchema, save_checkpoint, save_rows
     from vaeserve.training.model import ModelConfig, build_model, elbo_loss
     from vaeserve.training.train import fit_support
 
-    data, train, val = digits
+    data, train, val, cal = digits
     settings = {"input_dim": data.x.shape[1], "image_shape": data.image_shape, "latent_dim": 4, "hidden": (64, 32)}
     settings |= overrides
     if settings.get("kind") == "cvae":
@@ -66,11 +65,13 @@ def build_checkpoint(path, digits, steps: int = TRAIN_STEPS, validation_rows: in
     schema = DataSchema(
         name=data.name, source="digits", feature_names=data.feature_names, normalization=normalizer,
         image_shape=data.image_shape, label_names=data.label_names, class_prior=(counts / counts.sum()).tolist(),
-        support=fit_support(data.x, data.image_shape is not None),
+        support=fit_support(data.x[np.sort(np.concatenate([train, val]))], data.image_shape is not None),
     )
     save_checkpoint(path, model, schema, train={"steps": steps}, metrics={})
     val = val[:validation_rows]
-    save_validation_rows(path, data.x[val], data.y[val])
+    save_rows(path, VALIDATION, data.x[val], data.y[val])
+    save_rows(path, CALIBRATION, data.x[cal], data.y[cal])
+    save_rows(path, REFERENCE, data.x[train])
     return path
 
 

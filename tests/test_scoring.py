@@ -68,7 +68,7 @@ class Cases(dict):
 
 @pytest.fixture(scope="module")
 def cases(make_checkpoint, digits, tmp_path_factory) -> Cases:
-    data, train, _ = digits
+    data, train, _, *_ = digits
     root = tmp_path_factory.mktemp("scoring")
     support = Support.fit(data.x)  # per feature: several are the point [0, 0]
     normalizers = {name: Normalizer.fit(kind, data.x[train], clip) for name, (kind, clip) in NORMALISATIONS.items()}
@@ -130,6 +130,11 @@ def perturb(data: st.DataObject, x: np.ndarray, support: Support, features: dict
 
 def score_fields(s: Scores) -> dict[str, np.ndarray]:
     return {f.name: getattr(s, f.name) for f in fields(s) if getattr(s, f.name) is not None}
+
+
+def model_part(s: Scores) -> Scores:
+    """The scores of the model alone, without what the Scorer adds from the neighbours and calibration."""
+    return replace(s, knn=None, anomaly_score=None, p_value=None)
 
 
 def assert_same(got: Scores, want: Scores, rows=slice(None)) -> None:
@@ -201,7 +206,8 @@ def rebuilt(scorer: Scorer, decode: scoring.Decode | None = None, chunk_values: 
     """The same Scorer with another decoder or chunk size."""
     return Scorer(scorer.encode, decode or scorer.decode, scorer.likelihood, scorer.normalizer, scorer.support,
                   class_prior=scorer.class_prior, elbo_samples=scorer.elbo_samples, seed=scorer.seed,
-                  chunk_values=chunk_values)  # fmt: skip
+                  chunk_values=chunk_values, neighbours=scorer.neighbours, reference_rows=scorer.reference_rows,
+                  combination=scorer.combination, calibration=scorer.calibration)  # fmt: skip
 
 
 def domain_box(s: Scorer) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +241,9 @@ def test_rows_inside_the_support_score_finitely_and_add_up(cases, case, data):
     assert s.per_feature.shape == x.shape
     assert s.support_distance is None  # nothing outside, no distance
     assert not s.out_of_support.any()
-    np.testing.assert_array_equal(s.flagged(threshold), s.neg_elbo > threshold)
+    np.testing.assert_array_equal(s.flagged(threshold), s.anomaly_score > threshold)
+    if scorer.combination is None:
+        np.testing.assert_array_equal(s.anomaly_score, s.neg_elbo)
     # -ELBO = reconstruction + KL; exact for one label, to rounding when summed over labels' responsibilities.
     scale = np.abs(s.reconstruction) + np.abs(s.kl) + 1.0
     assert (np.abs(s.neg_elbo - (s.reconstruction + s.kl)) <= 1e-9 * scale).all()
@@ -260,9 +268,12 @@ def test_one_value_outside_the_support_adds_its_penalty_at_its_feature(cases, ca
     distance = distance_outside(scorer, bad)
     assert np.array_equal(np.argwhere(distance > 0), [[row, feature]])
     assert_penalised(scorer, s, back, distance)
-    assert s.flagged(threshold)[row]  # flagged, whatever the threshold and however small the penalty
+    # The penalty raises the anomaly score over the row brought back (its knn is that row's), never lowers it:
+    # flagged when the row brought back is, and the other rows as they were.
+    assert s.anomaly_score[row] >= back.anomaly_score[row]
+    assert s.flagged(threshold)[row] >= back.flagged(threshold)[row]
     others = np.arange(len(x)) != row
-    np.testing.assert_array_equal(s.flagged(threshold)[others], inside.neg_elbo[others] > threshold)
+    np.testing.assert_array_equal(s.flagged(threshold)[others], inside.anomaly_score[others] > threshold)
     assert_same(replace(s, support_distance=None), inside, others)
     assert (s.support_distance[others] == 0).all()
 
@@ -288,8 +299,9 @@ def test_several_values_outside_add_their_penalties_exactly_where_they_are(cases
     assert np.array_equal(s.support_distance > 0, outside)  # exactly where the values are outside
     assert_penalised(scorer, s, scorer.score(scorer.support.clip(bad), iw_samples=IW_SAMPLES), distance)
     np.testing.assert_array_equal(s.out_of_support, out_rows)
-    assert s.flagged(threshold)[out_rows].all()
-    np.testing.assert_array_equal(s.flagged(threshold)[~out_rows], s.neg_elbo[~out_rows] > threshold)
+    back = scorer.score(scorer.support.clip(bad), iw_samples=IW_SAMPLES)
+    assert (s.anomaly_score >= back.anomaly_score).all()
+    np.testing.assert_array_equal(s.flagged(threshold), s.anomaly_score > threshold)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -304,7 +316,7 @@ def test_rows_inside_score_as_the_plain_math(cases, case, data):
     normalised = scorer.normalizer.apply(x)
     if scorer.likelihood == "bernoulli":
         assert ((normalised >= 0) & (normalised <= 1)).all()  # the clip to the Bernoulli domain does nothing
-    assert_same(scorer.score(x, iw_samples=IW_SAMPLES), plain_math(scorer, normalised, IW_SAMPLES))
+    assert_same(model_part(scorer.score(x, iw_samples=IW_SAMPLES)), plain_math(scorer, normalised, IW_SAMPLES))
 
 
 @pytest.mark.parametrize("case", BERNOULLI_CASES)
@@ -316,7 +328,7 @@ def test_bernoulli_rows_are_scored_in_the_domain_of_the_likelihood(cases, case, 
     scorer = cases[case].scorer
     x = data.draw(rows_inside(scorer.support.low, scorer.support.high), label="x")
     expected = plain_math(scorer, np.clip(scorer.normalizer.apply(x), 0.0, 1.0), IW_SAMPLES)
-    assert_same(scorer.score(x, iw_samples=IW_SAMPLES), expected)
+    assert_same(model_part(scorer.score(x, iw_samples=IW_SAMPLES)), expected)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -4,7 +4,12 @@
     config.json      {"model": ModelConfig, "data": DataSchema, "train": training settings}
     metrics.json     train/validation ELBO, reconstruction, KL, active units, log-likelihood estimates, and
                      whether the run ended before the model did (still_improving, warmup_finished, warnings)
-    validation.npz   held-out rows (raw x, y) the model never trained on: evaluation and threshold calibration
+    validation.npz   held-out rows (raw x, y) the model never trained on; they chose the best epoch:
+                     evaluation, parity checks and the combined score's standardisation
+    calibration.npz  held-out rows (raw x, y) that neither trained the model nor chose its epoch: the export's
+                     conformal calibration (vaeserve.conformal)
+    reference.npz    raw training rows (x; at most scoring.MAX_REFERENCE_ROWS, a seeded subsample): the
+                     neighbours of the combined score
     sample_rows.csv  a few of those rows with their feature names: an input to try the served model with
     plots/*.png      written by the training run (thresholds_<name>_v<version>.png by `vaeserve export`)
 """
@@ -23,6 +28,7 @@ from vaeserve.normalization import Normalizer, Support
 from vaeserve.training.model import ModelConfig, build_model
 
 WEIGHTS, CONFIG, METRICS, VALIDATION = "weights.pt", "config.json", "metrics.json", "validation.npz"
+CALIBRATION, REFERENCE = "calibration.npz", "reference.npz"
 SAMPLE_ROWS, PLOTS = "sample_rows.csv", "plots"
 
 
@@ -67,7 +73,18 @@ class Checkpoint:
 
     def validation_rows(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Held-out raw rows and their labels (None for unlabelled data)."""
-        with np.load(self.path / VALIDATION, allow_pickle=False) as f:
+        return self._rows(VALIDATION)
+
+    def calibration_rows(self) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Raw calibration rows and their labels; None for a checkpoint trained before they were held out."""
+        return self._rows(CALIBRATION) if (self.path / CALIBRATION).is_file() else None
+
+    def reference_rows(self) -> np.ndarray | None:
+        """Raw training rows for the neighbours; None for a checkpoint trained before they were kept."""
+        return self._rows(REFERENCE)[0] if (self.path / REFERENCE).is_file() else None
+
+    def _rows(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        with np.load(self.path / name, allow_pickle=False) as f:
             return f["x"], (f["y"] if "y" in f.files else None)
 
     def sha256(self) -> str:
@@ -95,10 +112,11 @@ def save_checkpoint(path: Path, model: torch.nn.Module, data: DataSchema, train:
     write_json(path / METRICS, metrics)
 
 
-def save_validation_rows(path: Path, x: np.ndarray, y: np.ndarray | None) -> None:
+def save_rows(path: Path, name: str, x: np.ndarray, y: np.ndarray | None = None) -> None:
+    """Raw rows (and labels) as `name` (VALIDATION, CALIBRATION or REFERENCE) in the checkpoint."""
     arrays = {"x": x} if y is None else {"x": x, "y": y}
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / VALIDATION, lambda p: np.savez(open(p, "wb"), **arrays))
+    _write_atomic(path / name, lambda p: np.savez(open(p, "wb"), **arrays))
 
 
 def save_sample_rows(path: Path, x: np.ndarray, feature_names: list[str]) -> None:

@@ -206,8 +206,9 @@ def _check(data: Dataset) -> Dataset:
     return data
 
 
-def split(data: Dataset, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled train and validation row indices."""
+def split(data: Dataset, val_fraction: float, seed: int, calibration_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shuffled train, validation and calibration row indices (calibration empty at fraction 0)."""
     order = np.random.default_rng(seed).permutation(data.x.shape[0])
     n_val = max(1, int(round(val_fraction * len(order))))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    n_cal = max(1, int(round(calibration_fraction * len(order)))) if calibration_fraction > 0 else 0
+    return np.sort(order[n_val + n_cal :]), np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_cal])

@@ -291,13 +291,14 @@ def _interpolation(v: _View, steps: int = 10):
 
 def plot_thresholds(checkpoint: Checkpoint, version) -> Path:
     """<checkpoint>/plots/thresholds_<name>_v<version>.png for an exported vaeserve.artifact.repository
-    ModelVersion: the histogram of the held-out rows' -ELBO, scored as the service scores them (the
-    version's graphs and scoring settings; a CVAE label-free, as calibrated), with a line at each
-    calibrated quantile and the default threshold. Returns the path."""
+    ModelVersion: the histogram of the calibration rows' anomaly score (the validation rows' for a
+    checkpoint without them), scored as the service scores them (the version's graphs and scoring
+    settings; a CVAE label-free, as calibrated), with a line at each calibrated quantile and the default
+    threshold. Returns the path."""
     from vaeserve.artifact.runtime import Model  # ONNX Runtime: only export draws this plot
 
-    x_raw, _ = checkpoint.validation_rows()
-    scores = Model(version).scorer.score(np.asarray(x_raw, np.float32)).neg_elbo
+    x_raw, _ = checkpoint.calibration_rows() or checkpoint.validation_rows()
+    scores = Model(version).scorer.score(np.asarray(x_raw, np.float32)).anomaly_score
     fig = _thresholds(scores, version.manifest)
     folder = checkpoint.path / PLOTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -310,9 +311,8 @@ def plot_thresholds(checkpoint: Checkpoint, version) -> Path:
 def _thresholds(scores: np.ndarray, manifest):
     t = manifest.thresholds
     lines = sorted(t.quantiles[t.score].items(), key=lambda kv: float(kv[0]))
-    default_quantile = f"{1.0 - t.target_false_positive_rate:g}"
     finite = scores[np.isfinite(scores)]
-    low, top = float(finite.min()), max(v for _, v in lines)
+    low, top = float(finite.min()), max(t.default, *(v for _, v in lines))
     # A long right tail (a table's outliers) would squeeze the bulk and the lines into one bin: stop a
     # quarter of the bulk's width past the highest threshold and say how many rows lie beyond.
     high = max(min(float(finite.max()), top + 0.25 * (top - low)), top)
@@ -321,25 +321,24 @@ def _thresholds(scores: np.ndarray, manifest):
     bulk = float(np.subtract(*np.quantile(finite, [0.95, 0.05])))
     bins = int(np.clip((high - low) / (bulk / 15), 10, 150)) if bulk > 0 else 10
     ax.hist(np.clip(finite, None, high), bins=bins, range=(low, high), color="C0", alpha=0.75,
-            label=f"held-out rows ({len(scores)})")  # fmt: skip
+            label=f"calibration rows ({len(scores)})")  # fmt: skip
     for (quantile, value), style in zip(lines, [":", "--", "-."]):
-        above = float(np.mean(scores > value))
-        default = quantile == default_quantile
-        ax.axvline(value, color="C3" if default else "0.3", linestyle="-" if default else style,
-                   linewidth=2.2 if default else 1.4,
-                   label=(f"default threshold {value:.2f} (quantile {quantile})" if default else
-                          f"quantile {quantile}: {value:.2f}") + f", {above:.1%} of these rows above")  # fmt: skip
+        ax.axvline(value, color="0.3", linestyle=style, linewidth=1.4,
+                   label=f"quantile {quantile}: {value:.2f}, {np.mean(scores > value):.1%} of these rows above")  # fmt: skip
+    ax.axvline(t.default, color="C3", linewidth=2.2,
+               label=f"default threshold {t.default:.2f}: holds a false-positive rate of {t.promised_false_positive_rate:.2%} "
+                     f"(target {t.target_false_positive_rate:.2%})")  # fmt: skip
     beyond = int(np.sum(scores > high))
     if beyond:
         ax.plot([], [], " ", label=f"{beyond} row(s) beyond {high:.1f} drawn in the last bin (max {scores.max():.1f})")
     pad = 0.04 * (high - low) + 1e-6
     ax.set_xlim(low - pad, high + pad)
-    ax.set(xlabel=f"{t.score.replace('neg_elbo', '-ELBO')} (nats per row, normalised feature space)",
-           ylabel="held-out rows")  # fmt: skip
+    unit = "sum of standardised -ELBO and kNN distance" if t.score == "combined" else "nats per row, normalised feature space"
+    ax.set(xlabel=f"{t.score.replace('neg_elbo', '-ELBO')} anomaly score ({unit})", ylabel="calibration rows")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     how = "label-free (class prior), " if t.label_free else ""
     ax.set_title(f"{t.calibration_rows} rows calibrated the thresholds; scored {how}through the exported graphs, "
                  f"{manifest.scoring.elbo_samples} ELBO samples; a row scoring above the default threshold is flagged", fontsize=8)  # fmt: skip
-    fig.suptitle(f"{manifest.name} v{manifest.version} ({manifest.model.kind.upper()}): held-out -ELBO "
-                 "and the calibrated anomaly thresholds")  # fmt: skip
+    fig.suptitle(f"{manifest.name} v{manifest.version} ({manifest.model.kind.upper()}): calibration rows' anomaly "
+                 "score and the calibrated thresholds")  # fmt: skip
     return fig

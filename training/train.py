@@ -28,20 +28,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.normalization import Normalizer, Support
-from vaeserve.scoring import LIKELIHOODS
+from vaeserve.scoring import LIKELIHOODS, MAX_REFERENCE_ROWS
 from vaeserve.training import evaluate as evaluation
 from vaeserve.training.checkpoint import (
     CONFIG,
     METRICS,
     PLOTS,
     SAMPLE_ROWS,
+    CALIBRATION,
+    REFERENCE,
     VALIDATION,
     WEIGHTS,
     DataSchema,
     load_checkpoint,
     save_checkpoint,
+    save_rows,
     save_sample_rows,
-    save_validation_rows,
     write_json,
 )
 from vaeserve.training.data import Dataset, load_dataset, split
@@ -54,7 +56,7 @@ TRAINING_STATE = "training_state.pt"  # optimizer, epoch, history and latest wei
 VAL_SAMPLES = 4  # posterior samples per row for the validation -ELBO that drives early stopping
 TRAIN_METRIC_ROWS = 5000  # training-split metrics are computed on at most this many rows
 STANDARDIZE_CLIP = 10.0  # standardised values are clipped to +-10: see fit_normalizer
-RUN_FILES = (WEIGHTS, CONFIG, METRICS, VALIDATION, SAMPLE_ROWS, TRAINING_STATE)  # what a run writes, besides plots/
+RUN_FILES = (WEIGHTS, CONFIG, METRICS, VALIDATION, CALIBRATION, REFERENCE, SAMPLE_ROWS, TRAINING_STATE)  # what a run writes, besides plots/
 
 
 @dataclass
@@ -78,6 +80,9 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per latent unit below which KL is not penalised (0 = off)
     patience: int = 15  # stop after this many epochs without a better validation -ELBO
     val_fraction: float = 0.2  # share of rows held out for validation, early stopping and evaluation
+    # share of rows held out for calibration: they neither train the model nor choose its epoch, so the
+    # export's conformal thresholds hold (vaeserve.conformal); 20% of 60 rows is 12, a 1/13 false-positive floor
+    calibration_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda
     eval_samples: int = 100  # K of the importance-weighted log-likelihood written to metrics.json
@@ -101,6 +106,9 @@ class TrainConfig:
             (self.free_bits >= 0, f"--free-bits must be non-negative, got {self.free_bits}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (0 < self.val_fraction < 1, f"validation fraction must be in (0, 1), got {self.val_fraction}"),
+            (0 < self.calibration_fraction < 1 and self.val_fraction + self.calibration_fraction < 1,
+             f"calibration fraction must be in (0, 1) and leave training rows beside the validation fraction, "
+             f"got {self.calibration_fraction}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.eval_samples >= 0, f"eval samples must be non-negative, got {self.eval_samples}"),
             (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
@@ -205,8 +213,8 @@ def fit_normalizer(kind: str, x: np.ndarray, image: bool) -> Normalizer:
 
 
 def fit_support(x: np.ndarray, image: bool) -> Support:
-    """The raw range the model answers for: every row given to training, validation rows included (so
-    the rows that calibrate thresholds lie inside it). Image pixels share one range."""
+    """The raw range the model answers for: the training and validation rows, not the calibration rows,
+    which must meet the support as new rows do for the calibrated rate to hold. Image pixels share one range."""
     return Support.fit(x, shared=image)
 
 
@@ -278,9 +286,9 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
     for note in data.notes:
         log.info("%s", note)
     config = resolve(config, data)
-    train_idx, val_idx = split(data, config.val_fraction, config.seed)
+    train_idx, val_idx, cal_idx = split(data, config.val_fraction, config.seed, config.calibration_fraction)
     if len(train_idx) < 2:
-        raise DataError(f"{data.name}: too few rows to train on after holding out validation rows")
+        raise DataError(f"{data.name}: too few rows to train on after holding out validation and calibration rows")
     y_train = None if data.y is None else data.y[train_idx]
     y_val = None if data.y is None else data.y[val_idx]
     if resume:
@@ -295,7 +303,8 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
         image_shape=data.image_shape,
         label_names=data.label_names,
         class_prior=class_prior(y_train, len(data.label_names)) if data.y is not None else None,
-        support=previous.data.support if resume else fit_support(data.x, data.image_shape is not None),
+        support=previous.data.support if resume else fit_support(data.x[np.sort(np.concatenate([train_idx, val_idx]))],
+                                                                 data.image_shape is not None),  # fmt: skip
         label_column=config.labels if data.label_names else None,
     )
     model_config = ModelConfig(
@@ -316,12 +325,17 @@ def _train(config, out, resume, device, started, previous) -> TrainResult:
     x_train, x_val = normalizer.apply(data.x[train_idx]), normalizer.apply(data.x[val_idx])
     if not resume:
         remove_previous_run(out)
-    save_validation_rows(out, data.x[val_idx], y_val)
+    save_rows(out, VALIDATION, data.x[val_idx], y_val)
+    save_rows(out, CALIBRATION, data.x[cal_idx], None if data.y is None else data.y[cal_idx])
+    reference = train_idx
+    if len(reference) > MAX_REFERENCE_ROWS:
+        reference = np.sort(np.random.default_rng(config.seed).choice(reference, MAX_REFERENCE_ROWS, replace=False))
+    save_rows(out, REFERENCE, data.x[reference])
     save_sample_rows(out, data.x[val_idx[:8]], data.feature_names)
     train_dict = asdict(config)
-    log.info("training %s (%s, %s likelihood, latent %d) on %s: %d training rows, %d validation rows, %s",
-             config.model, config.arch, config.likelihood, config.latent_dim, data.name, len(train_idx),
-             len(val_idx), device)
+    log.info("training %s (%s, %s likelihood, latent %d) on %s: %d training rows, %d validation rows, "
+             "%d calibration rows, %s", config.model, config.arch, config.likelihood, config.latent_dim, data.name,
+             len(train_idx), len(val_idx), len(cal_idx), device)  # fmt: skip
 
     state = None
     if isinstance(model, PPCA):

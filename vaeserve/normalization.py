@@ -7,8 +7,8 @@ large but finite input, and float32 graphs agree with torch on it.
 
 Support: per feature, the raw interval [low, high] the model was trained on. The network only ever sees
 rows inside that box, where it was fitted and where float32 stays finite; a row outside is scored as the
-row brought back into the box plus a penalty that grows with the distance, and flagged whatever the
-threshold (see vaeserve.scoring.Scorer).
+row brought back into the box plus a penalty that grows with the distance (see vaeserve.scoring.Scorer):
+a value far outside is flagged by its score, one just past the range as its score says.
 """
 
 import math

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from vaeserve.conformal import Calibration
 from vaeserve.normalization import Normalizer, Support
 
 LIKELIHOODS = ("gaussian", "gaussian-fixed", "bernoulli")
@@ -47,6 +48,31 @@ Encode = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]
 Decode = Callable[[np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
 # score graph(normalised x, one-hot labels or None) -> Scores without neg_iw: `score` with iw_samples=0
 ScoreGraph = Callable[[np.ndarray, np.ndarray | None], "Scores"]
+# neighbour graph(neighbour_input(x)) -> [rows] float64 mean squared distance to the k nearest reference rows
+Neighbours = Callable[[np.ndarray], np.ndarray]
+
+# The default anomaly score's second opinion: the squared distance to the nearest reference row (the
+# training and validation rows), by evidence on the 15 ADBench sets x 5 seeds (docs/anomaly.md, mean AUROC /
+# AUPRC): -ELBO alone 93.3 / 74.9; kNN alone 93.7 / 78.9 at k = 1, 93.5 / 78.3 at 5; -ELBO + kNN, each
+# standardised: 94.1 / 78.3 (distance to the nearest training row, support-clipped), 94.3 / 79.1 (nearest of
+# training and validation rows, unclipped), 94.45 / 79.8 (its square), 94.5 / 80.2 (the square weighted 2;
+# k = 2: 94.4 / 79.8; cubes: 94.6 / 80.3).
+NEIGHBOURS_K = 1
+NEIGHBOURS_POWER = 2  # knn is the mean of the k nearest squared distances (the graph takes no square root)
+COMBINED_WEIGHTS = (1.0, 2.0)  # of -ELBO and knn, each standardised
+# Rows kept as the kNN reference (a seeded subsample beyond): at most MAX_REFERENCE_ROWS, and at most
+# MAX_NEIGHBOUR_WORK / features, so the neighbour graph's multiply-adds per scored row stay below the
+# model's own for wide rows (a 784-512-256-32 MLP VAE: ~1.6M at 2 ELBO samples). Measured in process, one
+# thread, 256 rows of Fashion-MNIST: 10.5 ms without the graph, 73 ms with 4096 reference rows.
+MAX_REFERENCE_ROWS = 4096
+MAX_NEIGHBOUR_WORK = 1 << 20
+
+
+def reference_budget(features: int) -> int:
+    """How many reference rows the neighbour graph holds for rows of `features` values."""
+    return max(1, min(MAX_REFERENCE_ROWS, MAX_NEIGHBOUR_WORK // max(1, features)))
+KNN_CLIP = 1e4  # neighbour inputs are clipped to +-this (normaliser units): squares stay finite in float32
+COMBINED_PARTS = ("neg_elbo", "knn")
 
 
 def decoder_outputs(likelihood: str) -> tuple[str, ...]:
@@ -123,8 +149,11 @@ class Scores:
     neg_iw: np.ndarray | None  # -log (1/K) sum_k p(x, z_k) / q(z_k|x)
     per_feature: np.ndarray  # [rows, features]: -E_q[log p(x_d|z)]
     # [rows, features]: how far each value lies outside the support, in raw units (0 inside); None when
-    # every value is inside. Set by Scorer.
+    # every value is inside. Set by Scorer, like the three below.
     support_distance: np.ndarray | None = None
+    knn: np.ndarray | None = None  # mean distance to the nearest training rows, normalised units; None without neighbours
+    anomaly_score: np.ndarray | None = None  # the version's default score (Combination), or neg_elbo without one
+    p_value: np.ndarray | None = None  # conformal p-value of anomaly_score (vaeserve.conformal); None uncalibrated
 
     @property
     def out_of_support(self) -> np.ndarray:
@@ -138,9 +167,9 @@ class Scores:
         return np.zeros(self.per_feature.shape) if self.support_distance is None else self.support_distance
 
     def flagged(self, threshold: float) -> np.ndarray:
-        """Anomalous rows: neg_elbo above the threshold, or a value outside the support."""
-        flagged = self.neg_elbo > threshold
-        return flagged if self.support_distance is None else flagged | self.out_of_support
+        """Anomalous rows: the anomaly score (neg_elbo where Scorer set none) above the threshold. A value
+        outside the support counts through its penalty in the score, so the calibrated rate holds."""
+        return (self.neg_elbo if self.anomaly_score is None else self.anomaly_score) > threshold
 
     def differences(self, reference: "Scores") -> tuple[dict[str, float], dict[str, float]]:
         """Max |self - reference| and max |self - reference| / (1 + |reference|) of each score both hold
@@ -160,8 +189,7 @@ class Scores:
         def cut(a):
             return None if a is None else a[start:stop]
 
-        return Scores(self.neg_elbo[start:stop], self.reconstruction[start:stop], self.kl[start:stop], cut(self.neg_iw),
-                      self.per_feature[start:stop], cut(self.support_distance))  # fmt: skip
+        return Scores(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
 
     @classmethod
     def concatenate(cls, parts: list["Scores"]) -> "Scores":
@@ -170,6 +198,47 @@ class Scores:
             return parts[0]
         return cls(**{f.name: None if getattr(parts[0], f.name) is None else np.concatenate([getattr(p, f.name) for p in parts])
                       for f in fields(cls)})  # fmt: skip
+
+
+def neighbour_distance(x: np.ndarray, reference: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Mean squared Euclidean distance of each row of x [rows, features] to its k nearest rows of
+    `reference`, in float64: the NumPy reference the neighbour graph is checked against. `exclude[i]`: the
+    index of row i itself in `reference` (leave-one-out), or -1."""
+    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+    squared = np.maximum((x**2).sum(axis=1)[:, None] - 2.0 * x @ reference.T + (reference**2).sum(axis=1)[None, :], 0.0)
+    if exclude is not None:
+        own = np.flatnonzero(exclude >= 0)
+        squared[own, exclude[own]] = np.inf
+    return np.partition(squared, k - 1, axis=1)[:, :k].mean(axis=1)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """The default anomaly score: the weighted sum of its parts (scores of Scores: neg_elbo and knn), each
+    standardised by its mean and standard deviation over held-out normal rows (the validation rows at
+    export), so that no part dominates by its units."""
+
+    parts: tuple[str, ...]
+    location: tuple[float, ...]
+    scale: tuple[float, ...]
+    weight: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, s: "Scores", parts: tuple[str, ...] = COMBINED_PARTS, weight: tuple[float, ...] = COMBINED_WEIGHTS) -> "Combination":
+        values = [np.asarray(getattr(s, name), np.float64) for name in parts]
+        values = [v[np.isfinite(v)] for v in values]
+        location = tuple(float(np.mean(v)) for v in values)
+        scale = tuple(float(max(np.std(v), 1e-12 * max(1.0, abs(m)))) for v, m in zip(values, location))
+        return cls(tuple(parts), location, scale, tuple(weight))
+
+    def apply(self, s: "Scores") -> np.ndarray:
+        total = np.zeros(len(s.neg_elbo))
+        for name, location, scale, weight in zip(self.parts, self.location, self.scale, self.weight):
+            total += weight * (getattr(s, name) - location) / scale
+        return total
+
+    def to_dict(self) -> dict:
+        return {"parts": list(self.parts), "location": list(self.location), "scale": list(self.scale), "weight": list(self.weight)}
 
 
 def score(
@@ -283,10 +352,12 @@ class Scorer:
     3. Rows outside the support: per_feature of each value outside gets `support_penalty` of its distance
        in normaliser units added, and so do reconstruction, neg_elbo and neg_iw (kl stays that of the row in the box). A row
        outside therefore scores more than the same row brought back into range, more the farther out it
-       is; `support_distance` says which values are outside and by how much, and `flagged` calls such a
-       row anomalous whatever its score.
+       is; `support_distance` says which values are outside and by how much.
        Any score that is not a number or -inf (a numerical breakdown) is +inf: a score is finite or +inf,
        never NaN, and an anomaly detector that cannot vouch for a row calls it anomalous.
+    4. The anomaly score: with `neighbours` (the version's neighbour graph over `reference_rows` training
+       rows), `knn` of the rows in the box; with a `combination`, its sum of standardised parts, else
+       neg_elbo; with a `calibration`, the conformal p-value of each row's anomaly score.
 
     A conditional model scores with one-hot `labels`, or without them label-free over `class_prior`.
     With a `score_graph` (built for this model's likelihood, elbo_samples and seed), step 2 runs it in place of
@@ -296,9 +367,15 @@ class Scorer:
     def __init__(self, encode: Encode, decode: Decode, likelihood: str, normalizer: Normalizer,
                  support: Support | None = None, *, class_prior: np.ndarray | None = None,
                  elbo_samples: int = ELBO_SAMPLES, seed: int = SEED, chunk_values: int = CHUNK_VALUES,
-                 score_graph: ScoreGraph | None = None):  # fmt: skip
+                 score_graph: ScoreGraph | None = None, neighbours: Neighbours | None = None,
+                 reference_rows: int = 0, combination: Combination | None = None,
+                 calibration: "Calibration | None" = None):  # fmt: skip
         decoder_outputs(likelihood)  # an unknown likelihood fails here, not at the first request
         self.score_graph = score_graph
+        self.neighbours, self.reference_rows = neighbours, reference_rows
+        if combination is not None and "knn" in combination.parts and neighbours is None:
+            raise ValueError("a combination with knn needs the neighbour graph")
+        self.combination, self.calibration = combination, calibration
         self.encode, self.decode, self.likelihood = encode, decode, likelihood
         self.normalizer, self.support = normalizer, support
         self.class_prior = None if class_prior is None else np.asarray(class_prior, np.float64)
@@ -313,7 +390,8 @@ class Scorer:
         return terms + [(self.features, "features")]
 
     def work(self, rows: int, labelled: bool = False, iw_samples: int = 0) -> int:
-        """Values a Score computes."""
+        """Values a Score computes (the model's part; the neighbours' rows x reference rows x features is
+        bounded by reference_budget)."""
         return math.prod(count for count, _ in self.work_terms(rows, labelled, iw_samples))
 
     def prepare(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -356,7 +434,26 @@ class Scorer:
                       elbo_samples=self.elbo_samples, iw_samples=iw_samples, seed=self.seed, score_graph=graph)
                 for start in range(0, rows, chunk)
             ]  # fmt: skip
-            return self._outside_and_fail_safe(Scores.concatenate(parts), distance)
+            s = self._outside_and_fail_safe(Scores.concatenate(parts), distance)
+            return self._anomaly_score(s, x)
+
+    def neighbour_input(self, x: np.ndarray) -> np.ndarray:
+        """Raw rows as the neighbour graph takes them: normalised, not brought into the support (a value
+        outside is a distance from the training rows, not a point on the box), within +-KNN_CLIP."""
+        return np.clip(self.normalizer.apply(np.asarray(x, np.float32)), -KNN_CLIP, KNN_CLIP).astype(np.float32)
+
+    def _anomaly_score(self, s: Scores, x: np.ndarray) -> Scores:
+        """knn, the default anomaly score and its p-value."""
+        if self.neighbours is not None:
+            normalised = self.neighbour_input(x)
+            chunk = max(1, self.chunk_values // max(1, self.reference_rows * self.features))
+            parts = [np.asarray(self.neighbours(normalised[start : start + chunk]), np.float64).reshape(-1)
+                     for start in range(0, len(normalised), chunk)]  # fmt: skip
+            s.knn = fail_safe(np.concatenate(parts) if parts else np.zeros(0))
+        s.anomaly_score = s.neg_elbo if self.combination is None else fail_safe(self.combination.apply(s))
+        if self.calibration is not None:
+            s.p_value = self.calibration.p_values(s.anomaly_score)
+        return s
 
     def _outside_and_fail_safe(self, s: Scores, distance: np.ndarray | None) -> Scores:
         """The support penalty of values outside, and +inf for NaN and -inf. In place: the arrays are the

@@ -158,7 +158,34 @@ DAMAGES = {
     "parity tolerance negative": ("vae", _set("parity.tolerance", -1.0), "parity.tolerance", "must be finite and >= 0"),
     "version 0": ("vae", _set("version", 0), "version", "must be >= 1, got 0"),
     "name with a slash": ("vae", _set("name", "../escape"), "name", "'../escape' is not a valid value"),
-    "schema_version 99": ("vae", _set("schema_version", 99), "schema_version", "99 is not supported; this vaeserve reads 2 and 3"),
+    "schema_version 99": ("vae", _set("schema_version", 99), "schema_version", "99 is not supported; this vaeserve reads 2, 3 and 4"),
+    # Schema 4: the combined score and its conformal calibration.
+    "calibration scores unsorted": ("vae", lambda m: m["thresholds"]["calibration_scores"].reverse(),
+                                    "thresholds.calibration_scores", "must be finite and ascending"),  # fmt: skip
+    "calibration scores short": ("vae", _short("thresholds", "calibration_scores"), "thresholds.calibration_scores",
+                                 "has 179 items; expected 180"),  # fmt: skip
+    "calibration score NaN": ("vae", _set("thresholds.calibration_scores.0", float("nan")), "thresholds.calibration_scores",
+                              "must be finite and ascending"),  # fmt: skip
+    "smallest rate not 1/(n+1)": ("vae", _set("thresholds.smallest_false_positive_rate", 0.01),
+                                  "thresholds.smallest_false_positive_rate", "1 / (calibration_rows + 1)"),  # fmt: skip
+    "promised rate 0": ("vae", _set("thresholds.promised_false_positive_rate", 0.0), "thresholds.promised_false_positive_rate",
+                        "in (0, 1)"),  # fmt: skip
+    "combination weight 0": ("vae", _set("scoring.combination.weight", [1.0, 0.0]), "scoring.combination",
+                             "scale and weight finite and > 0"),  # fmt: skip
+    "combination part unknown": ("vae", _set("scoring.combination.parts", ["neg_elbo", "pca"]), "scoring.combination.parts",
+                                 "must be distinct names from ['neg_elbo', 'knn']"),  # fmt: skip
+    "combination scale short": ("vae", _set("scoring.combination.scale", [1.0]), "scoring.combination.scale",
+                                "has 1 items; expected 2"),  # fmt: skip
+    "knn without neighbours": ("vae", _set("scoring.neighbours", None), "scoring.combination.parts",
+                               "must be distinct names from ['neg_elbo']"),  # fmt: skip
+    "k above the reference rows": ("vae", _set("scoring.neighbours.k", 10**7), "scoring.neighbours",
+                                   "is more than its"),  # fmt: skip
+    "neighbour graph without parity": ("vae", lambda m: m["parity"].pop("neighbours"), "parity.neighbours",
+                                       "a neighbours graph comes with its parity"),  # fmt: skip
+    "neighbour graph output renamed": ("vae", _set("graphs.neighbours.outputs.0.name", "distance"), "graphs.neighbours.outputs",
+                                       "are not this model's: expected knn [-1, 1] float64"),  # fmt: skip
+    "combined score without a combination": ("vae", _set("scoring.combination", None), "thresholds.score",
+                                             "is 'combined'; expected one of neg_elbo"),  # fmt: skip
 }
 
 

@@ -66,7 +66,7 @@ def test_version_without_manifest_is_skipped_with_a_log_line(repository, caplog)
     [
         (lambda text: text[: len(text) // 2], r"manifest\.json: corrupt JSON"),
         (lambda text: "[]", r"manifest\.json: corrupt manifest: expected a JSON object"),
-        (lambda text: text.replace('"schema_version": 3', '"schema_version": 99'), "schema_version 99 is not supported"),
+        (lambda text: text.replace('"schema_version": 4', '"schema_version": 99'), "schema_version 99 is not supported"),
         (lambda text: text.replace('"latent_dim"', '"latent_size"'), r"corrupt manifest: model\.latent_dim is missing"),
         (lambda text: text.replace('"opset": 18', '"opset": "18"'), "opset has the wrong type"),
     ],

@@ -81,7 +81,9 @@ def test_graph_scores_as_the_numpy_reference(models, held_out, case, batch):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_rows_outside_the_support_get_the_same_penalty_and_flag(models, held_out, case):
+def test_rows_outside_the_support_get_the_same_penalty_and_flags(models, held_out, case):
+    """Flags follow the anomaly score, which holds the penalty: a value far outside is flagged, one a little
+    outside only says so (out_of_support) and counts as its penalty does."""
     model = models[case.split("-")[0]]
     scorer, m = model.scorer, model.manifest
     x, y = rows_of(held_out, case, 6)
@@ -92,7 +94,8 @@ def test_rows_outside_the_support_get_the_same_penalty_and_flag(models, held_out
     got, want = scorer.score(x, y), scorer.score(x, y, reference=True)
     assert_agrees(got, want, m.parity.score.tolerance)
     np.testing.assert_array_equal(got.out_of_support, [True, False, True, False, True, False])
-    assert (got.flagged(m.thresholds.default)[[0, 2, 4]]).all()
+    assert (got.flagged(m.thresholds.default)[[2, 4]]).all() and got.anomaly_score[4] == np.inf
+    np.testing.assert_array_equal(got.flagged(m.thresholds.default), got.anomaly_score > m.thresholds.default)
     assert got.neg_elbo[4] == np.inf and got.per_feature[4, 7] == np.inf  # infinitely far: +inf, never NaN
 
 
@@ -113,7 +116,7 @@ def test_manifest_records_the_score_graph_and_its_parity(model_repository, name)
     folder = model_repository / name / "1"
     m = read_manifest(folder)
     d = json.loads((folder / MANIFEST).read_text())
-    assert m.to_dict() == d and d["schema_version"] == 3
+    assert m.to_dict() == d and d["schema_version"] == 4
     entry = d["graphs"]["score"]
     assert entry["file"] == "score.onnx" and entry["sha256"] == file_sha256(folder / "score.onnx")
     label = [{"name": "y", "shape": [-1, 10], "dtype": "float32"}] if name == "cvae" else []
@@ -134,9 +137,32 @@ def test_manifest_records_the_score_graph_and_its_parity(model_repository, name)
 
 
 
+def as_schema_3(m):
+    """Without what schema 4 added: the combined score and its conformal calibration."""
+    m["schema_version"] = 3
+    del m["scoring"]["neighbours"], m["scoring"]["combination"], m["graphs"]["neighbours"], m["parity"]["neighbours"]
+    for key in ("promised_false_positive_rate", "smallest_false_positive_rate", "calibration_scores"):
+        del m["thresholds"][key]
+    m["thresholds"]["score"] = "neg_elbo"
+    m["thresholds"]["quantiles"].pop("combined")
+
+
 def as_schema_2(m):
+    as_schema_3(m)
     m["schema_version"] = 2
     del m["graphs"]["score"], m["parity"]["score"]
+
+
+def test_a_schema_3_version_loads_with_neg_elbo_as_its_score_and_no_p_values(version, held_out, models, rewrite):
+    rewrite(version, as_schema_3)
+    (version / "neighbours.onnx").unlink()
+    model = Model(load_version(version))
+    t = model.manifest.thresholds
+    assert t.score == "neg_elbo" and t.calibration_scores is None and t.promised_false_positive_rate == t.target_false_positive_rate
+    x, _ = rows_of(held_out, "vae", 7)
+    s = model.scorer.score(x)
+    assert s.knn is None and s.p_value is None and s.anomaly_score is s.neg_elbo
+    np.testing.assert_array_equal(s.neg_elbo, models["vae"].scorer.score(x).neg_elbo)
 
 
 def test_a_version_without_a_score_graph_loads_and_scores_in_numpy(version, held_out, models, rewrite):
@@ -153,7 +179,7 @@ def test_a_version_without_a_score_graph_loads_and_scores_in_numpy(version, held
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda m: m.update(schema_version=2), r"corrupt manifest: graphs\.score is not a known key"),
+        (lambda m: (as_schema_3(m), m.update(schema_version=2)), r"corrupt manifest: graphs\.score is not a known key"),
         (lambda m: m["parity"].pop("score"), r"corrupt manifest: parity\.score: a score graph comes with its parity"),
         (lambda m: m["graphs"]["score"]["outputs"][0].update(dtype="float32"),
          r"graphs\.score\.outputs are not this model's: expected neg_elbo \[-1, 1\] float64"),

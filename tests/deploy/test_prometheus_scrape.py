@@ -110,7 +110,7 @@ def sent(server, prometheus, digits):
 
     up = prometheus.wait_for('up{job="vaeserve"}', lambda r: scalar(r) == 1.0)
     assert scalar(up) == 1.0, up
-    data, _, val = digits
+    data, _, val, *_ = digits
     rows = data.x[val][:4].astype(np.float32)
     with Client(server.target) as client:
         # Two rounds, the first scraped before the second is sent: series appear at their first
@@ -204,7 +204,8 @@ def test_every_dashboard_query_runs(prometheus, sent):
     assert {s["metric"]["model"]: float(s["value"][1]) for s in ratio} == {"vae": 0.0, "ppca": 0.0}, ratio_title
 
 
-def test_prometheus_counts_scored_and_flagged_rows(prometheus, sent, server, digits):
+def test_prometheus_counts_scored_and_flagged_rows(prometheus, sent, server, digits, model_repository):
+    from vaeserve.artifact.repository import load_version
     from vaeserve.service.client import Client
 
     rows = SCORE_REQUESTS * 4
@@ -212,7 +213,8 @@ def test_prometheus_counts_scored_and_flagged_rows(prometheus, sent, server, dig
     assert scalar(scored) == rows
     flagged = scalar(prometheus.query('sum(vaeserve_anomalous_rows_total{job="vaeserve", model="vae", version="1"})'))
     assert scalar(prometheus.query('sum(vaeserve_anomaly_score_count{job="vaeserve", model="vae"})')) == rows
-    assert scalar(prometheus.query('vaeserve_expected_anomaly_rate{job="vaeserve", model="vae", version="1"}')) == 0.01
-    data, _, val = digits  # the rows `sent` scored, once more (after the queries): as many flagged each time
+    promised = load_version(model_repository / "vae" / "1").manifest.thresholds.promised_false_positive_rate
+    assert scalar(prometheus.query('vaeserve_expected_anomaly_rate{job="vaeserve", model="vae", version="1"}')) == promised == 1 / 181
+    data, _, val, *_ = digits  # the rows `sent` scored, once more (after the queries): as many flagged each time
     with Client(server.target) as client:
         assert flagged == SCORE_REQUESTS * int(client.score("vae", data.x[val][:4].astype(np.float32)).is_anomaly.sum())

@@ -43,7 +43,7 @@ def test_elbo_samples_are_the_versions_own(make_checkpoint, tmp_path, digits):
     assert version.manifest.scoring.elbo_samples == 3
     model = Model(version)  # the score graph holds 3 samples of noise: it agrees with the NumPy scorer at 3
     assert version.manifest.score is not None and model.scorer.uses_graph()
-    data, _, val = digits
+    data, _, val, *_ = digits
     x = data.x[val][:16].astype(np.float32)
     graph, reference = model.scorer.score(x), model.scorer.score(x, reference=True)
     np.testing.assert_allclose(graph.neg_elbo, reference.neg_elbo, rtol=1e-6)
@@ -68,7 +68,7 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     version = load_version(model_repository / "cvae" / "1")
     m = json.loads((version.path / "manifest.json").read_text())
     checkpoint = load_checkpoint(make_checkpoint("cvae"))
-    assert m["schema_version"] == 3 and m["name"] == "cvae" and m["version"] == 1
+    assert m["schema_version"] == 4 and m["name"] == "cvae" and m["version"] == 1
     assert m["created"].endswith("+00:00")
     assert m["model"] == {"kind": "cvae", "arch": "mlp", "latent_dim": 4}
     assert m["input"] == {
@@ -78,39 +78,48 @@ def test_manifest_describes_the_version(model_repository, make_checkpoint):
     assert m["labels"] == {"names": [str(c) for c in range(10)]}
     prior = m["scoring"]["class_prior"]
     assert math.isclose(sum(prior), 1.0) and min(prior) > 0.08
-    assert {k: v for k, v in m["scoring"].items() if k != "class_prior"} == {
-        "likelihood": "bernoulli", "elbo_samples": scoring.ELBO_SAMPLES, "iw_samples": scoring.IW_SAMPLES, "seed": scoring.SEED}
+    assert {k: v for k, v in m["scoring"].items() if k not in ("class_prior", "combination")} == {
+        "likelihood": "bernoulli", "elbo_samples": scoring.ELBO_SAMPLES, "iw_samples": scoring.IW_SAMPLES, "seed": scoring.SEED,
+        "neighbours": {"k": scoring.NEIGHBOURS_K, "reference_rows": len(checkpoint.reference_rows()) + len(checkpoint.validation_rows()[0])}}
+    assert m["scoring"]["combination"]["parts"] == ["neg_elbo", "knn"] and min(m["scoring"]["combination"]["scale"]) > 0
     normalizer = Normalizer.from_dict(m["normalization"])
     assert normalizer.kind == "minmax" and np.array_equal(normalizer.scale, checkpoint.data.normalization.scale)
     # The support is the raw range of every digits row; pixels share one range.
     support = Support.from_dict(m["support"], 64)
     assert np.array_equal(support.low, np.zeros(64)) and np.array_equal(support.high, np.full(64, 16.0))
-    for graph in ("encoder", "decoder", "score"):
+    for graph in ("encoder", "decoder", "score", "neighbours"):
         assert m["graphs"][graph]["sha256"] == file_sha256(version.path / f"{graph}.onnx")
     assert m["source_checkpoint"]["sha256"] == checkpoint.sha256()
     assert set(m["producer"]) == {"vaeserve", "torch", "onnx", "onnxruntime"}
-    assert sorted(p.name for p in version.path.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json", "score.onnx"]
+    assert sorted(p.name for p in version.path.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json", "neighbours.onnx",
+                                                               "score.onnx"]  # fmt: skip
+    assert m["parity"]["neighbours"]["max_rel_diff"]["knn"] <= m["parity"]["neighbours"]["tolerance"]
     assert load_version(model_repository / "vae" / "1").manifest.labels is None
 
 
 @pytest.mark.parametrize("name", ["vae", "cvae", "ppca"])
-def test_thresholds_are_quantiles_of_the_served_scores(model_repository, make_checkpoint, name):
-    """Scoring the held-out rows again through the exported graphs reproduces the stored quantiles."""
+def test_thresholds_are_conformal_on_the_served_scores(model_repository, make_checkpoint, name):
+    """Scoring the calibration rows again through the exported graphs reproduces the stored quantiles and
+    calibration scores; the default threshold is the k-th largest, k = floor(alpha (n + 1))."""
     version = load_version(model_repository / name / "1")
     m = version.manifest
     t = m.thresholds
-    raw, _ = load_checkpoint(make_checkpoint(name)).validation_rows()
-    s = Model(version).scorer.score(raw, None, m.scoring.iw_samples)
+    raw, _ = load_checkpoint(make_checkpoint(name)).calibration_rows()
+    scorer = Model(version).scorer
+    s, iw = scorer.score(raw, None), scorer.score(raw, None, m.scoring.iw_samples)  # as calibration scored them
     assert t.calibration_rows == raw.shape[0] == 180
-    assert t.score == "neg_elbo" and t.target_false_positive_rate == 0.01 and t.label_free == (name == "cvae")
-    for score_name, values in (("neg_elbo", s.neg_elbo), ("neg_iw", s.neg_iw)):
+    assert t.score == "combined" and t.target_false_positive_rate == 0.01 and t.label_free == (name == "cvae")
+    assert t.smallest_false_positive_rate == 1 / 181 and t.promised_false_positive_rate == 1 / 181
+    np.testing.assert_allclose(t.calibration_scores, np.sort(s.anomaly_score), rtol=1e-9)
+    assert t.default == t.calibration_scores[-1]  # k = floor(0.01 * 181) = 1: the largest
+    np.testing.assert_array_equal(s.p_value, (1 + (np.asarray(t.calibration_scores)[None] >= s.anomaly_score[:, None]).sum(1)) / 181)
+    for score_name, values in (("combined", s.anomaly_score), ("neg_elbo", s.neg_elbo), ("neg_iw", iw.neg_iw)):
         stored = t.quantiles[score_name]
         assert list(stored) == ["0.95", "0.99", "0.999"]
         assert stored["0.95"] <= stored["0.99"] <= stored["0.999"]
         for q, value in stored.items():
             assert value == pytest.approx(np.quantile(values, float(q)), rel=1e-6)
-    assert t.default == t.quantiles["neg_elbo"]["0.99"]
-    assert np.mean(s.neg_elbo > t.default) == pytest.approx(0.01, abs=0.006)  # 1-2 of 180 rows
+    assert not s.flagged(t.default).any()  # none of the rows it is the largest of
 
 
 def test_ppca_importance_weighted_score_is_its_exact_log_likelihood(model_repository, make_checkpoint):

@@ -40,5 +40,5 @@ def client(server):
 @pytest.fixture(scope="session")
 def rows(digits):
     """Raw held-out digits rows (features 0..16)."""
-    data, _, val = digits
+    data, _, val, *_ = digits
     return data.x[val][:32].astype("float32"), [data.label_names[i] for i in data.y[val][:32]]

@@ -210,8 +210,9 @@ def test_server_serves_only_the_intact_version(damaged_repository, start_server,
     for result in (newest, first):
         assert result.neg_elbo.shape == (len(x),) and np.isfinite(result.neg_elbo).all()
         np.testing.assert_allclose(result.neg_elbo, scores.neg_elbo, rtol=1e-5)
+        np.testing.assert_allclose(result.anomaly_score, scores.anomaly_score, rtol=1e-5)
         assert result.threshold == threshold
-        assert np.array_equal(result.is_anomaly, result.neg_elbo > threshold)
+        assert np.array_equal(result.is_anomaly, result.anomaly_score > threshold)
 
     log = server.log_text()
     assert "Traceback" not in log, log

@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 @pytest.fixture(scope="module")
 def many(digits):
     """2,500 distinct raw rows: every digit once, then shifted copies (a few values outside the support)."""
-    data, _, _ = digits
+    data, _, _, *_ = digits
     x = data.x.astype(np.float32)
     return np.concatenate([x, x[:2500 - len(x)] * 0.5 + 1.0])
 
@@ -36,11 +36,16 @@ def test_a_big_input_is_split_within_max_rows_and_joined_in_order(client, many, 
     scored = client.score("vae", many, per_feature=True, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1000, 2500), (2000, 2500), (2500, 2500)]  # max_rows 1000 per request, in row order
     assert scored.neg_elbo.shape == (2500,) and scored.per_feature.shape == (2500, 64) and scored.version == 1
+    assert scored.anomaly_score.shape == scored.p_value.shape == scored.knn_distance.shape == (2500,)
+    at_alpha = client.score("vae", many, alpha=0.2)  # every request of the split call flags at the same rate
+    np.testing.assert_array_equal(at_alpha.is_anomaly, scored.p_value <= 0.2)
     for start in (0, 1000, 2400):  # the same rows sent on their own
         alone = client.score("vae", many[start:start + 50], per_feature=True)
         np.testing.assert_allclose(scored.neg_elbo[start:start + 50], alone.neg_elbo, rtol=1e-12)
         np.testing.assert_allclose(scored.per_feature[start:start + 50], alone.per_feature, rtol=1e-6)
         np.testing.assert_array_equal(scored.is_anomaly[start:start + 50], alone.is_anomaly)
+        for field in ("anomaly_score", "p_value", "knn_distance"):
+            np.testing.assert_allclose(getattr(scored, field)[start:start + 50], getattr(alone, field), rtol=1e-12, err_msg=field)
     embedded = client.embed("ppca", many)
     np.testing.assert_allclose(embedded.mu[1500:1510], client.embed("ppca", many[1500:1510]).mu, rtol=1e-6)
     decoded = client.decode("vae", embedded.mu[:, :4])
@@ -112,10 +117,15 @@ def test_errors_are_typed_with_the_code_and_the_servers_message(server, client, 
         async with AsyncClient(server.target) as c:
             with pytest.raises(NotFound) as refused:
                 await c.embed("vae", x, version=7)
-            return refused.value
+            with pytest.raises(InvalidInput, match="give a threshold or alpha, not both") as both:
+                await c.score("vae", x, threshold=1.0, alpha=0.1)
+            return refused.value, both.value, await c.score("vae", x, alpha=0.5)
 
-    refused = asyncio.run(asynchronous())
+    refused, both, at_alpha = asyncio.run(asynchronous())
     assert refused.code() == grpc.StatusCode.NOT_FOUND and "version 7" in str(refused)
+    assert both.code() == grpc.StatusCode.INVALID_ARGUMENT
+    np.testing.assert_array_equal(at_alpha.is_anomaly, at_alpha.p_value <= 0.5)
+    assert at_alpha.threshold == client.score("vae", x, alpha=0.5).threshold
     # On a stream a refused message is an item, and the stream goes on.
     answers = list(client.score_stream("vae", [x[0], x[0, :3], x[1]]))
     assert isinstance(answers[1], StreamError) and answers[1].code == grpc.StatusCode.INVALID_ARGUMENT
@@ -144,10 +154,15 @@ def test_get_model_is_typed(client, model_repository):
     assert isinstance(info, ModelInfo) and (info.name, info.version, info.kind) == ("cvae", 1, "cvae") and info.conditional
     assert (info.features, info.latent_dim, info.likelihood) == (64, 4, "bernoulli")
     assert info.feature_names == tuple(manifest.input.feature_names) and info.labels == tuple(manifest.labels)
-    assert info.threshold == manifest.thresholds.default and info.threshold_score == "neg_elbo"
-    assert info.calibration == Calibration("0.99", 0.01, manifest.thresholds.calibration_rows,
-                                           manifest.thresholds.calibrated_on, True)  # fmt: skip
-    assert list(info.quantiles) == ["neg_elbo", "neg_iw"] and list(info.quantiles["neg_elbo"]) == ["0.95", "0.99", "0.999"]
+    t = manifest.thresholds
+    assert info.threshold == t.default and info.threshold_score == t.score == "combined"
+    # Conformal: the default threshold is the calibration score of rank k = floor(0.01 (n + 1)) from the top (the
+    # largest when k is 0), no quantile, and holds k / (n + 1) (1 / (n + 1)).
+    n = t.calibration_rows
+    k = int(0.01 * (n + 1))
+    assert info.calibration == Calibration(None, 0.01, n, t.calibrated_on, True, max(k, 1) / (n + 1), 1 / (n + 1))
+    assert info.calibration.target_reached == (k >= 1)
+    assert list(info.quantiles) == ["combined", "neg_elbo", "neg_iw"] and list(info.quantiles["neg_elbo"]) == ["0.95", "0.99", "0.999"]
     assert (info.elbo_samples, info.iw_samples) == (manifest.scoring.elbo_samples, manifest.scoring.iw_samples)
     assert set(info.providers) == {"encoder", "decoder", "score"} and all(info.providers.values())
     assert info.limits == Limits(max_rows=1000, max_request_values=2**25, max_iw_samples=256, max_posterior_samples=256)

@@ -133,7 +133,7 @@ def test_a_cvae_takes_its_labels_from_the_label_column(cli, client, rows, names,
 
 
 def test_twenty_thousand_rows_in_one_command_into_csv_and_jsonl(cli, client, digits, names, tmp_path):
-    data, _, _ = digits
+    data, _, _, *_ = digits
     x = (np.resize(data.x, (20_000, 64)) + (np.arange(20_000) % 7)[:, None] * 0.25).astype(np.float32)
     save_rows(tmp_path / "big.csv", x, names)
     expected = client.score("vae", x, per_feature=True, iw_samples=4)  # split by the Python client too (max_rows 1000)
@@ -144,18 +144,19 @@ def test_twenty_thousand_rows_in_one_command_into_csv_and_jsonl(cli, client, dig
     with open(tmp_path / "s.csv", newline="") as f:
         lines = list(csv.reader(f))
     assert len(lines) == 20_001
-    assert lines[0] == ["row", "neg_elbo", "reconstruction", "kl", "neg_iw", "is_anomaly", "out_of_support",
+    assert lines[0] == ["row", "anomaly_score", "p_value", "neg_elbo", "reconstruction", "kl", "knn_distance", "neg_iw",
+                        "is_anomaly", "out_of_support",
                         "top1_feature", "top1_score", "top2_feature", "top2_score", "top3_feature", "top3_score"]  # fmt: skip
     table = np.array(lines[1:], dtype=object)
     assert [int(r) for r in table[:, 0]] == list(range(20_000))
-    for column, values in ((1, expected.neg_elbo), (2, expected.reconstruction), (3, expected.kl), (4, expected.neg_iw)):
-        np.testing.assert_allclose(table[:, column].astype(float), values, rtol=1e-12)
-    np.testing.assert_array_equal(table[:, 5] == "true", expected.is_anomaly)
-    np.testing.assert_array_equal(table[:, 6] == "true", expected.out_of_support)
+    for column, field in enumerate(("anomaly_score", "p_value", "neg_elbo", "reconstruction", "kl", "knn_distance", "neg_iw"), 1):
+        np.testing.assert_allclose(table[:, column].astype(float), getattr(expected, field), rtol=1e-12, err_msg=field)
+    np.testing.assert_array_equal(table[:, 8] == "true", expected.is_anomaly)
+    np.testing.assert_array_equal(table[:, 9] == "true", expected.out_of_support)
     assert expected.out_of_support.any() and not expected.out_of_support.all()
-    np.testing.assert_array_equal(table[:, 7], np.array(names)[top[:, 0]])
+    np.testing.assert_array_equal(table[:, 10], np.array(names)[top[:, 0]])
     best = np.take_along_axis(expected.per_feature, top[:, :1], axis=1)[:, 0]
-    np.testing.assert_allclose(table[:, 8].astype(float), best, rtol=1e-6)
+    np.testing.assert_allclose(table[:, 11].astype(float), best, rtol=1e-6)
 
     code, _, _ = cli("score", "--model", "vae", tmp_path / "big.csv", "--out", tmp_path / "s.jsonl")
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
@@ -163,12 +164,14 @@ def test_twenty_thousand_rows_in_one_command_into_csv_and_jsonl(cli, client, dig
     plain = client.score("vae", x)
     np.testing.assert_allclose([r["neg_elbo"] for r in records], plain.neg_elbo, rtol=1e-12)
     assert [f["feature"] for f in records[7]["top_features"]] == [names[j] for j in top[7]]
-    assert "neg_iw" not in records[0] and set(records[0]) == {"row", "neg_elbo", "reconstruction", "kl", "is_anomaly",
-                                                               "out_of_support", "top_features"}  # fmt: skip
+    np.testing.assert_allclose([r["p_value"] for r in records], plain.p_value, rtol=1e-12)
+    assert "neg_iw" not in records[0] and set(records[0]) == {"row", "anomaly_score", "p_value", "neg_elbo", "reconstruction",
+                                                               "kl", "knn_distance", "is_anomaly", "out_of_support",
+                                                               "top_features"}  # fmt: skip
 
 
 def test_a_closed_pipe_ends_the_command_quietly(server, digits, names, tmp_path):
-    data, _, _ = digits
+    data, _, _, *_ = digits
     save_rows(tmp_path / "rows.csv", np.resize(data.x, (3000, 64)), names)
     command = [sys.executable, "-m", "vaeserve.cli", "client", "score", "--host", "127.0.0.1", "--port", str(server.port),
                "--model", "vae", str(tmp_path / "rows.csv")]  # fmt: skip
@@ -187,12 +190,13 @@ def test_tables_are_aligned_with_names_and_fixed_precision(cli, rows, names, tmp
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("vae version 1: threshold ") and "rows anomalous" in lines[0]
     header = lines[1].split("  ")
-    assert [h.strip() for h in header if h.strip()] == ["row", "neg_elbo", "reconstruction", "kl", "neg_iw", "is_anomaly",
-                                                        "out_of_support", "top features"]  # fmt: skip
+    assert [h.strip() for h in header if h.strip()] == ["row", "anomaly_score", "p_value", "neg_elbo", "reconstruction", "kl",
+                                                        "knn_distance", "neg_iw", "is_anomaly", "out_of_support",
+                                                        "top features"]  # fmt: skip
     assert len({len(line) for line in lines[2:]}) == 1  # aligned
-    number, flag, top = r"\s+\d+\.\d{4}", r"\s+(yes|no)", r"pixel_\d_\d \d+\.\d{4}"
+    number, flag, top = r"\s+-?\d+\.\d{4}(e[-+]\d+)?", r"\s+(yes|no)", r"pixel_\d_\d \d+\.\d{4}"  # a combined score may be negative; knn of a training row ~1e-6
     for line in lines[2:]:
-        assert re.fullmatch(rf"\s+\d+{number * 4}{flag * 2}\s+{top}, {top}, {top}", line), line
+        assert re.fullmatch(rf"\s+\d+{number * 7}{flag * 2}\s+{top}, {top}, {top}", line), line
     # 64 features by name, cut at 12 columns, the rest counted.
     code, out, err = cli("reconstruct", "--model", "vae", path)
     assert out.splitlines()[0].split() == ["row", "neg_log_likelihood", "mean_squared_error", *names[:9]]
@@ -212,6 +216,26 @@ def test_tables_are_aligned_with_names_and_fixed_precision(cli, rows, names, tmp
     assert record["top_features"][0]["score"] == max(record["per_feature"].values())
 
 
+def test_alpha_flags_at_a_false_positive_rate(cli, client, rows, names, tmp_path):
+    x = np.vstack([rows[0], rows[0][:8] * 0.5 + 4.0])
+    path = write_csv(tmp_path / "rows.csv", x, names)
+    expected = client.score("vae", x, alpha=0.25)
+    code, out, err = cli("score", "--model", "vae", path, "--alpha", 0.25, "--json")
+    answer = json.loads(out)
+    assert code == 0 and err == "" and (answer["alpha"], answer["threshold"]) == (0.25, expected.threshold)
+    flags = [r["is_anomaly"] for r in answer["rows"]]
+    assert flags == [r["p_value"] <= 0.25 for r in answer["rows"]] == expected.is_anomaly.tolist() and 0 < sum(flags) < len(x)
+    code, out, _ = cli("score", "--model", "vae", path, "--alpha", 0.25)
+    assert code == 0 and out.splitlines()[0] == (f"vae version 1: alpha 0.25, threshold {expected.threshold:.4f} on combined; "
+                                                 f"{sum(flags)} of {len(x)} rows anomalous")  # fmt: skip
+    # Out of reach of the calibration rows: the server's refusal, as it words it.
+    code, out, err = cli("score", "--model", "vae", path, "--alpha", 1e-4)
+    assert code == 1 and out == "" and err.startswith("vaeserve client: INVALID_ARGUMENT: alpha 0.0001 is out of reach: ")
+    with pytest.raises(SystemExit) as caught:  # one or the other: argparse says so before any call
+        cli("score", "--model", "vae", path, "--alpha", 0.25, "--threshold", 1.0)
+    assert caught.value.code == 2
+
+
 def test_models_summary_and_json(cli, client, model_repository):
     from vaeserve.artifact.manifest import read_manifest
 
@@ -224,9 +248,12 @@ def test_models_summary_and_json(cli, client, model_repository):
     assert topics["model"] == "cvae, version 1"
     assert topics["features"].startswith("64, images 1x8x8: pixel_0_0, pixel_0_1,") and topics["features"].endswith("(64 in all)")
     assert topics["labels"] == "10: 0, 1, 2, 3, 4, 5, ..., 8, 9 (10 in all)"
-    assert topics["threshold"] == (f"{manifest.thresholds.default:.4f} on neg_elbo: its 0.99 quantile over "
-                                   f"{manifest.thresholds.calibration_rows} held-out validation rows of the checkpoint, "
-                                   f"scored label-free (target false-positive rate 0.01)")  # fmt: skip
+    t = manifest.thresholds
+    n = t.calibration_rows
+    assert topics["threshold"] == (f"{t.default:.4f} on combined: calibrated over {n} {t.calibrated_on}, "
+                                   f"scored label-free")  # fmt: skip
+    assert topics["fp rate"] == (f"target 0.01, the default threshold holds {t.promised_false_positive_rate:.4g}; "
+                                 f"smallest --alpha {1 / (n + 1):.4g} (1/(n+1), n = {n})")  # fmt: skip
     assert topics["limits"].startswith("1,000 rows and 33,554,432 values of work per request, iw_samples up to 256")
     assert topics["providers"].startswith("encoder CPUExecutionProvider; decoder ")
     code, out, _ = cli("models", "--model", "cvae", "--json")
@@ -235,6 +262,17 @@ def test_models_summary_and_json(cli, client, model_repository):
     assert info["limits"] == {"max_rows": 1000, "max_request_values": 2**25, "max_iw_samples": 256, "max_posterior_samples": 256}
     assert list(info["quantiles"]["neg_elbo"]) == ["0.95", "0.99", "0.999"] and "manifest_json" not in info
     assert info["threshold"]["calibration_rows"] == manifest.thresholds.calibration_rows
+    assert (info["threshold"]["score"], info["threshold"]["smallest_false_positive_rate"]) == ("combined", 1 / (n + 1))
+    assert info["threshold"]["promised_false_positive_rate"] == t.promised_false_positive_rate and info["threshold"]["target_reached"]
+    # A target the calibration rows cannot reach (promised above it) is said plainly.
+    import dataclasses
+
+    from vaeserve.service.output import model_summary
+
+    described = client.get_model("cvae")
+    unreachable = dataclasses.replace(described.calibration, target_false_positive_rate=t.promised_false_positive_rate / 2)
+    [line] = [line for line in model_summary(dataclasses.replace(described, calibration=unreachable)) if line.startswith("fp rate")]
+    assert f"out of reach of {n} calibration rows: the default threshold holds {t.promised_false_positive_rate:.4g}, above it" in line
     assert info["scoring"]["seed"] == manifest.scoring.seed and info["graphs"]["score"]["providers"]
 
 
@@ -277,7 +315,7 @@ def test_a_long_run_shows_its_progress_on_a_terminal(server, digits, names, tmp_
         def isatty(self):
             return True
 
-    data, _, _ = digits
+    data, _, _, *_ = digits
     path = tmp_path / "rows.csv"
     save_rows(path, np.resize(data.x, (2500, 64)), names)
     terminal = Terminal()
@@ -294,7 +332,7 @@ def test_a_cvae_trained_on_a_label_column_is_scored_by_that_column_name(digits, 
     `kind` without being told, and scores them as the labels they are."""
     from vaeserve.service.client import Client
 
-    data, _, _ = digits
+    data, _, _, *_ = digits
     path = tmp_path / "rows.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

@@ -45,7 +45,8 @@ def anomaly_metrics(server, model: str) -> dict:
 
 def test_anomaly_counters_equal_the_rows_sent_and_flagged(server, client, rows):
     x, _ = rows
-    x = np.concatenate([x, x[:4] + 3.0])  # a few rows pushed out of the support: flagged whatever the threshold
+    x = np.concatenate([x, x[:4] + 3.0])  # a few rows pushed out of the support
+    x[-1, 0] = 1e4  # one far outside: flagged through its penalty
     meta = client.get_model("ppca")
     before = anomaly_metrics(server, "ppca")
     answers = [client.score("ppca", x), client.score("ppca", x, threshold=0.0), client.score("ppca", x[:5])]
@@ -55,10 +56,12 @@ def test_anomaly_counters_equal_the_rows_sent_and_flagged(server, client, rows):
     sent = sum(len(a.neg_elbo) for a in answers)
     assert delta["vaeserve_scored_rows_total"] == sent
     assert delta["vaeserve_anomalous_rows_total"] == sum(int(a.is_anomaly.sum()) for a in answers)
-    assert after["vaeserve_expected_anomaly_rate"] == 0.01
-    # Each row in the bucket of the first calibration quantile its score does not exceed.
-    quantiles = meta.quantiles["neg_elbo"]
-    scores = np.concatenate([a.neg_elbo for a in answers])
+    assert answers[0].is_anomaly[-1] and answers[0].threshold == meta.threshold
+    # The rate the default threshold holds: k/(n+1) of the n calibration rows, at most the target.
+    assert after["vaeserve_expected_anomaly_rate"] == meta.calibration.promised_false_positive_rate <= 0.01
+    # Each row in the bucket of the first calibration quantile of its anomaly score that it does not exceed.
+    quantiles = meta.quantiles[meta.threshold_score]
+    scores = np.concatenate([a.anomaly_score for a in answers])
     for level in QUANTILES:
         expected = int(np.sum(scores <= quantiles[str(level)]))
         assert delta[("vaeserve_anomaly_score_bucket", str(level))] == expected, level

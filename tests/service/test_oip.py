@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 from vaeserve.oip.v2 import predict_pb2 as pb
 
 SCORES = ["neg_elbo", "reconstruction", "kl"]
+ANOMALY = {"anomaly_score": "anomaly_score", "p_value": "p_value", "knn_distance": "knn_distance"}  # OIP output -> ScoreResult field
 CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND}
 
 
@@ -57,13 +58,16 @@ def test_server_live_ready_and_metadata(triton):
     assert not triton.is_model_ready("nope") and not triton.is_model_ready("vae", "7") and not triton.is_model_ready("vae.nope")
 
 
-def test_model_metadata_and_config(triton, limits):
+def test_model_metadata_and_config(triton, client, limits):
     meta = triton.get_model_metadata("cvae")
     assert (meta.name, list(meta.versions), meta.platform) == ("cvae", ["1"], "vaeserve")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 64]), ("labels", "BYTES", [-1])]
     outputs = {t.name: (t.datatype, list(t.shape)) for t in meta.outputs}
     assert outputs["neg_elbo"] == ("FP64", [-1]) and outputs["is_anomaly"] == ("BOOL", [-1])
     assert outputs["per_feature"] == ("FP32", [-1, 64])
+    # p_value with conformal calibration, knn_distance with neighbours: the fixture versions have both.
+    assert [name for name in outputs if name in ANOMALY] == ["anomaly_score", "p_value", "knn_distance"]
+    assert all(outputs[name] == ("FP64", [-1]) for name in ANOMALY)
     assert [t.name for t in triton.get_model_metadata("vae.decode").inputs] == ["z"]
     assert [t.name for t in triton.get_model_metadata("vae.generate").inputs] == ["count"]
 
@@ -73,7 +77,9 @@ def test_model_metadata_and_config(triton, limits):
     neg_elbo = next(o for o in config["output"] if o["name"] == "neg_elbo")
     assert neg_elbo["dims"] == ["1"] and neg_elbo["reshape"] == {}  # a row's scalar: [rows] on the wire
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
-    assert float(config["parameters"]["threshold"]["string_value"]) > 0
+    assert float(config["parameters"]["threshold"]["string_value"]) == client.get_model("vae").threshold
+    assert config["parameters"]["threshold_score"]["string_value"] == "combined"
+    assert {o["name"] for o in config["output"]} >= set(ANOMALY)
     assert triton.get_model_config("vae.generate", as_json=True)["config"].get("max_batch_size", 0) == 0
     status, message = refusal(lambda: triton.get_model_metadata("nope"))
     assert status == "StatusCode.NOT_FOUND" and "no model 'nope'" in message
@@ -85,9 +91,14 @@ def test_infer_equals_score(triton, client, rows, name, labelled):
     labels = labels if labelled else None
     result = triton.infer(name, inputs(x, labels))
     expected = client.score(name, x, labels)
-    for field in SCORES:
-        np.testing.assert_allclose(result.as_numpy(field), getattr(expected, field), rtol=0, atol=1e-6)
+    for field in [*SCORES, *ANOMALY]:
+        want = getattr(expected, ANOMALY.get(field, field))
+        if want is None:
+            assert result.as_numpy(field) is None, field
+            continue
+        np.testing.assert_allclose(result.as_numpy(field), want, rtol=0, atol=1e-6, err_msg=field)
         assert result.as_numpy(field).dtype == np.float64
+    np.testing.assert_array_equal(result.as_numpy("p_value"), expected.p_value)  # the same scores, the same counts
     np.testing.assert_array_equal(result.as_numpy("is_anomaly"), expected.is_anomaly)
     np.testing.assert_array_equal(result.as_numpy("out_of_support"), expected.out_of_support)
     response = result.get_response()
@@ -98,9 +109,10 @@ def test_infer_equals_score(triton, client, rows, name, labelled):
 def test_infer_options_and_requested_outputs(triton, client, rows):
     x, _ = rows
     x = x.copy()
-    x[0, 3] = 1e4  # far outside the support: flagged, with its distance
+    x[0, 3] = 1e4  # far outside the support: flagged through its penalty, with its distance
     result = triton.infer("vae", inputs(x), parameters={"threshold": "5.0", "iw_samples": 16, "per_feature": True})
     expected = client.score("vae", x, threshold=5.0, iw_samples=16, per_feature=True)
+    assert result.as_numpy("is_anomaly")[0] and expected.is_anomaly[0]
     np.testing.assert_allclose(result.as_numpy("neg_iw"), expected.neg_iw, rtol=0, atol=1e-6)
     np.testing.assert_allclose(result.as_numpy("per_feature"), expected.per_feature, rtol=0, atol=1e-6)
     np.testing.assert_allclose(result.as_numpy("support_distance"), expected.support_distance, rtol=0, atol=1e-6)
@@ -112,6 +124,26 @@ def test_infer_options_and_requested_outputs(triton, client, rows):
     assert [o.name for o in asked.get_response().outputs] == ["neg_iw", "per_feature"]
     calibrated = client.get_model("vae").iw_samples
     np.testing.assert_allclose(asked.as_numpy("neg_iw"), client.score("vae", x, iw_samples=calibrated).neg_iw, rtol=0, atol=1e-6)
+
+
+def test_alpha_equals_v1(triton, client, rows):
+    """alpha, as text (what tritonclient 2.41 sends) or a double, flags as vaeserve.v1's alpha does, and its
+    mistakes get v1's codes and messages."""
+    x, _ = rows
+    x = np.vstack([x, x[:8] * 0.5 + 4.0])
+    expected = client.score("vae", x, alpha=0.25)
+    result = triton.infer("vae", inputs(x), parameters={"alpha": "0.25"})
+    np.testing.assert_array_equal(result.as_numpy("is_anomaly"), expected.is_anomaly)
+    np.testing.assert_array_equal(result.as_numpy("is_anomaly"), result.as_numpy("p_value") <= 0.25)
+    assert result.get_response().parameters["threshold"].double_param == expected.threshold
+    assert 0 < expected.is_anomaly.sum() < len(x)
+    for sent, v1 in [
+        ({"alpha": "0.1", "threshold": "1.0"}, dict(alpha=0.1, threshold=1.0)),
+        ({"alpha": "0.0001"}, dict(alpha=0.0001)),
+        ({"alpha": "1.5"}, dict(alpha=1.5)),
+    ]:
+        got = refusal(lambda: triton.infer("vae", inputs(x), parameters=sent))
+        assert got == v1_refusal(lambda: client.score("vae", x, **v1)) and got[0] == "StatusCode.INVALID_ARGUMENT", sent
 
 
 def test_embed_reconstruct_decode_generate(triton, client, rows):
@@ -259,6 +291,9 @@ def test_typed_contents_and_raw_messages(server, client, rows):
     doubled = pb.ModelInferRequest(model_name="vae", inputs=short.inputs, raw_input_contents=[x[:2].tobytes()])
     doubled.parameters["threshold"].double_param = 2.5  # what newer tritonclients send for a float
     assert infer(doubled, timeout=10).parameters["threshold"].double_param == 2.5
+    at_alpha = pb.ModelInferRequest(model_name="vae", inputs=short.inputs, raw_input_contents=[x[:2].tobytes()])
+    at_alpha.parameters["alpha"].double_param = 0.5
+    assert infer(at_alpha, timeout=10).parameters["threshold"].double_param == client.score("vae", x[:2], alpha=0.5).threshold
     channel.close()
 
 

@@ -2,13 +2,17 @@
 run in-process through ONNX Runtime."""
 
 import asyncio
+import json
 
+import grpc
 import numpy as np
 import pytest
 
-from vaeserve import scoring
+from vaeserve import errors, scoring
 from vaeserve.artifact.repository import scan_repository
 from vaeserve.artifact.runtime import Model
+from vaeserve.conformal import Calibration
+from vaeserve.service.client import InvalidInput
 
 MODELS = ["vae", "cvae", "ppca"]
 
@@ -51,6 +55,10 @@ def test_list_and_get_model(client, references):
         assert meta.metadata.score.sha256 == ref.manifest.score.sha256  # exported with its score graph
         assert list(meta.providers["score"]) == ref.model.score_graph.providers and "neg_elbo" in meta.metadata.score.outputs
         assert meta.threshold == pytest.approx(ref.manifest.thresholds.default)
+        t, saved = meta.metadata.thresholds, ref.manifest.thresholds
+        assert (t.score, t.calibration_rows, t.calibrated_on) == (saved.score, saved.calibration_rows, saved.calibrated_on)
+        assert (t.target_false_positive_rate, t.promised_false_positive_rate, t.smallest_false_positive_rate) == (
+            saved.target_false_positive_rate, saved.promised_false_positive_rate, saved.smallest_false_positive_rate or 0.0)
         assert list(meta.labels) == (ref.labels if name == "cvae" else [])
         np.testing.assert_array_equal(meta.support_low, ref.manifest.support.low)
         np.testing.assert_array_equal(meta.support_high, ref.manifest.support.high)
@@ -102,13 +110,129 @@ def test_score(client, references, rows, name, with_labels):
     np.testing.assert_allclose(got.kl, expected.kl, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.neg_iw, expected.neg_iw, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got.per_feature, expected.per_feature, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.anomaly_score, expected.anomaly_score, rtol=1e-5, atol=1e-4)
+    for field, want in (("knn_distance", expected.knn), ("p_value", expected.p_value)):
+        if want is None:
+            assert getattr(got, field) is None, field
+        else:
+            np.testing.assert_allclose(getattr(got, field), want, rtol=1e-6, atol=1e-9, err_msg=field)
     assert got.threshold == pytest.approx(default)
-    np.testing.assert_array_equal(got.is_anomaly, got.neg_elbo > default)
+    np.testing.assert_array_equal(got.is_anomaly, got.anomaly_score > default)
     # A per-request threshold overrides the manifest's.
-    middle = float(np.median(got.neg_elbo))
+    middle = float(np.median(got.anomaly_score))
     override = client.score(name, x, labels, threshold=middle)
     assert override.threshold == middle and override.per_feature is None and override.neg_iw is None
-    np.testing.assert_array_equal(override.is_anomaly, got.neg_elbo > middle)
+    np.testing.assert_array_equal(override.is_anomaly, got.anomaly_score > middle)
+
+
+def calibrated(ref: Reference) -> Calibration:
+    thresholds = ref.manifest.thresholds
+    if thresholds.calibration_scores is None:
+        pytest.skip(f"{ref.manifest.name} was exported without conformal calibration")
+    return Calibration.of(np.asarray(thresholds.calibration_scores))
+
+
+@pytest.mark.parametrize(("name", "with_labels"), [(name, False) for name in MODELS] + [("cvae", True)])
+def test_p_values_follow_the_calibration_scores(client, references, rows, name, with_labels):
+    """p = (1 + #{calibration scores >= anomaly_score}) / (n + 1), from the manifest's scores, and so in [1/(n+1), 1]."""
+    x, labels = rows
+    ref = references[name]
+    calibration = calibrated(ref)
+    x = np.vstack([x, np.full((1, 64), 8.0, np.float32), x[:1] * 0 + 16.0])  # and two rows unlike any digit
+    labels = labels + ["3", "3"] if with_labels else None
+    got = client.score(name, x, labels)
+    n = calibration.rows
+    assert n == ref.manifest.thresholds.calibration_rows
+    expected = (1 + (calibration.scores[None, :] >= got.anomaly_score[:, None]).sum(axis=1)) / (n + 1)
+    np.testing.assert_array_equal(got.p_value, expected)
+    assert ((got.p_value >= 1 / (n + 1)) & (got.p_value <= 1)).all()
+    assert got.p_value[-1] == 1 / (n + 1)  # every pixel at its maximum: above every calibration score
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_alpha_flags_the_rows_whose_p_value_is_at_most_alpha(client, references, rows, name):
+    x, _ = rows
+    x = np.vstack([x, x[:8] * 0.5 + 4.0])  # some rows less like the calibration rows
+    calibration = calibrated(references[name])
+    plain = client.score(name, x)
+    for alpha in (calibration.smallest_rate, 0.05, 0.25, 0.5, 0.9):
+        at_alpha = client.score(name, x, alpha=alpha)
+        threshold = calibration.threshold(alpha)
+        assert at_alpha.threshold == threshold
+        np.testing.assert_array_equal(at_alpha.is_anomaly, plain.p_value <= alpha, err_msg=str(alpha))
+        np.testing.assert_array_equal(at_alpha.is_anomaly, client.score(name, x, threshold=threshold).is_anomaly)
+        np.testing.assert_array_equal(at_alpha.p_value, plain.p_value)
+    assert 0 < client.score(name, x, alpha=0.5).is_anomaly.sum() < len(x)
+
+
+def test_alpha_refusals(client, references, rows):
+    x, _ = rows
+    calibration = calibrated(references["vae"])
+
+    def refusal(**options) -> str:
+        with pytest.raises(InvalidInput) as caught:
+            client.score("vae", x, **options)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return str(caught.value)
+
+    assert refusal(alpha=0.1, threshold=1.0) == "give a threshold or alpha, not both: alpha sets the threshold"
+    below = calibration.smallest_rate / 2
+    with pytest.raises(errors.InvalidInput) as expected:  # Calibration's own message
+        calibration.threshold(below)
+    assert refusal(alpha=below) == str(expected.value) and "out of reach" in str(expected.value)
+    for alpha in (0.0, 1.0, -0.5, float("nan")):
+        assert refusal(alpha=alpha).startswith("alpha must be in (0, 1), got "), alpha
+
+
+def test_a_version_without_conformal_calibration(model_repository, start_server, rows, tmp_path):
+    """A version whose manifest has no calibration scores nor neighbours (as exported before them) answers no
+    p-values or distances, on either protocol, flags on neg_elbo and refuses alpha."""
+    import shutil
+
+    from tritonclient.grpc import InferenceServerClient, InferInput
+
+    from vaeserve.service.client import Client
+
+    folder = tmp_path / "repo" / "vae" / "1"
+    shutil.copytree(model_repository / "vae" / "1", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["schema_version"] = 3
+    for key in ("promised_false_positive_rate", "smallest_false_positive_rate", "calibration_scores"):
+        manifest["thresholds"].pop(key, None)
+    manifest["thresholds"] |= {"score": "neg_elbo", "default": manifest["thresholds"]["quantiles"]["neg_elbo"]["0.99"]}
+    manifest["thresholds"]["quantiles"].pop("combined", None)
+    for key in ("neighbours", "combination"):
+        manifest["scoring"].pop(key, None)
+    manifest["graphs"].pop("neighbours", None)
+    manifest["parity"].pop("neighbours", None)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    x, _ = rows
+    server = start_server(tmp_path / "repo")
+    try:
+        server.wait_serving()
+        with Client(server.target) as client:
+            got = client.score("vae", x)
+            with pytest.raises(InvalidInput) as refused:
+                client.score("vae", x, alpha=0.1)
+            info = client.get_model("vae")
+        with InferenceServerClient(server.target) as triton:
+            outputs = [t.name for t in triton.get_model_metadata("vae").outputs]
+            tensor = InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            result = triton.infer("vae", [tensor])
+    finally:
+        server.stop()
+    assert "anomaly_score" in outputs and "p_value" not in outputs and "knn_distance" not in outputs
+    assert result.as_numpy("p_value") is None and result.as_numpy("knn_distance") is None
+    np.testing.assert_array_equal(result.as_numpy("anomaly_score"), got.neg_elbo)
+    assert got.p_value is None and got.knn_distance is None
+    np.testing.assert_array_equal(got.anomaly_score, got.neg_elbo)
+    np.testing.assert_array_equal(got.is_anomaly, got.neg_elbo > got.threshold)
+    assert str(refused.value) == ("model 'vae' version 1 was exported without conformal calibration: it has no "
+                                  "p-values to flag at alpha; send a threshold")  # fmt: skip
+    t = info.metadata.thresholds
+    assert (t.score, t.smallest_false_positive_rate, t.promised_false_positive_rate) == ("neg_elbo", 0.0, t.target_false_positive_rate)
+    assert info.calibration.smallest_false_positive_rate is None and info.calibration.target_reached
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -30,7 +30,7 @@ BATCHES, BATCHED_ROWS = (("vaeserve_batch_rows_count", (("graph", "score"), ("mo
 def assert_same_scores(got: list, expected) -> None:
     """Stream answers (ScoreResults), concatenated, against one unary ScoreResult for all their rows."""
     assert not [g for g in got if isinstance(g, StreamError)]
-    for field in ("neg_elbo", "reconstruction", "kl", "neg_iw", "per_feature"):
+    for field in ("neg_elbo", "reconstruction", "kl", "neg_iw", "per_feature", "anomaly_score", "p_value", "knn_distance"):
         parts = [getattr(g, field) for g in got]
         if getattr(expected, field) is None:
             assert all(p is None for p in parts), field
@@ -56,7 +56,7 @@ def stream_counts(metrics: dict, before: dict) -> dict:
 @pytest.fixture(scope="module")
 def feed(digits):
     """1000 raw digits rows and their label names."""
-    data, _, _ = digits
+    data, _, _, *_ = digits
     return data.x[:1000].astype(np.float32), [data.label_names[i] for i in data.y[:1000]]
 
 
@@ -121,12 +121,16 @@ def test_single_rows_with_options_equal_unary_score(client, feed, name, with_lab
     options = dict(per_feature=True, iw_samples=4)
     answers = list(client.score_stream(name, x, labels, **options))  # 1-D rows, one label each
     assert_same_scores(answers, client.score(name, x, labels, **options))
-    # A threshold of the caller's applies to every message.
-    neg_elbo = np.concatenate([a.neg_elbo for a in answers])
-    middle = float(np.median(neg_elbo))
+    # A threshold of the caller's applies to every message, and so does a false-positive rate alpha.
+    anomaly_score = np.concatenate([a.anomaly_score for a in answers])
+    middle = float(np.median(anomaly_score))
     flagged = list(client.score_stream(name, x, labels, threshold=middle))
     assert {a.threshold for a in flagged} == {middle}
-    np.testing.assert_array_equal(np.concatenate([a.is_anomaly for a in flagged]), neg_elbo > middle)
+    np.testing.assert_array_equal(np.concatenate([a.is_anomaly for a in flagged]), anomaly_score > middle)
+    at_alpha = list(client.score_stream(name, x, labels, alpha=0.5))
+    assert {a.threshold for a in at_alpha} == {client.score(name, x[:1], labels and labels[:1], alpha=0.5).threshold}
+    np.testing.assert_array_equal(np.concatenate([a.is_anomaly for a in at_alpha]),
+                                  np.concatenate([a.p_value for a in answers]) <= 0.5)  # fmt: skip
 
 
 def test_async_client_with_arrays_and_an_async_feed(server, client, feed):

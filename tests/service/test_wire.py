@@ -185,8 +185,11 @@ OUTSIDE = [(0, 5, 1e6), (1, 20, -1e38), (2, 63, 16.0001)]
 @pytest.mark.parametrize("name", MODELS)
 def test_rows_outside_the_support(client, rows, name):
     """Each row is sent beside itself brought back into the support (rows 4-7), and scores as that row plus
-    (d / scale)^2 / 2 nats for its value d outside (raw units; scale the normaliser's, from the manifest),
-    flagged whatever the threshold. The doubles (neg_elbo, reconstruction, neg_iw, neg_log_likelihood) carry
+    (d / scale)^2 / 2 nats for its value d outside (raw units; scale the normaliser's, from the manifest).
+    The anomaly score carries the penalty (through neg_elbo's part of the combined score) and the distance of
+    the row as sent to the training rows (never less than the row brought back's: the training rows lie inside
+    the support), so the rows far outside are flagged and the one just past the range (16.0001) is flagged when
+    the row brought back is. The doubles (neg_elbo, reconstruction, neg_iw, neg_log_likelihood) carry
     the penalty in full and stay finite (1e73 to 1e74 nats for -1e38). per_feature and support_distance come as
     float32 tensors: there the -1e38 value's penalty is past float32's range and reads +inf, and 16.0001's
     (1e-11 to 1e-9 nats) is below float32's resolution of its feature's term, which reads as the row brought back's."""
@@ -211,9 +214,23 @@ def test_rows_outside_the_support(client, rows, name):
     sent, back = slice(0, 4), slice(4, 8)
     is_out = np.array([True, True, True, False] + [False] * 4)
 
+    combination = meta.manifest["scoring"].get("combination")  # the anomaly score's part of a nat of neg_elbo
+    weight = dict(zip(combination["parts"], np.divide(combination["weight"], combination["scale"]))) if combination else {}
+    per_nat = weight.get("neg_elbo", 1.0)
+
+    def assert_flags(s):
+        np.testing.assert_array_equal(s.out_of_support, is_out)
+        np.testing.assert_array_equal(s.is_anomaly, s.anomaly_score > s.threshold)
+        assert s.is_anomaly[:2].all() and s.is_anomaly[2] >= s.is_anomaly[6]
+        farther = 0.0
+        if s.knn_distance is not None:
+            assert (s.knn_distance[sent] >= s.knn_distance[back] - 1e-6).all()
+            np.testing.assert_array_equal(s.knn_distance[sent][3], s.knn_distance[back][3])  # row 3 is inside
+            farther = weight["knn"] * (s.knn_distance[sent] - s.knn_distance[back])
+        np.testing.assert_allclose(s.anomaly_score[sent], s.anomaly_score[back] + row_penalty * per_nat + farther, rtol=1e-9)
+
     scored = client.score(name, both, both_labels, per_feature=True, iw_samples=8)
-    np.testing.assert_array_equal(scored.out_of_support, is_out)
-    np.testing.assert_array_equal(scored.is_anomaly, is_out | (scored.neg_elbo > scored.threshold))
+    assert_flags(scored)
     for field in ("neg_elbo", "reconstruction", "neg_iw"):
         value = getattr(scored, field)
         assert np.isfinite(value).all(), field
@@ -235,8 +252,7 @@ def test_rows_outside_the_support(client, rows, name):
     if name == "cvae":  # label-free too
         free = client.score(name, both, iw_samples=8)
         assert free.per_feature is None and free.support_distance is None  # only with per_feature
-        np.testing.assert_array_equal(free.out_of_support, is_out)
-        np.testing.assert_array_equal(free.is_anomaly, is_out | (free.neg_elbo > free.threshold))
+        assert_flags(free)
         for field in ("neg_elbo", "neg_iw"):
             value = getattr(free, field)
             assert np.isfinite(value).all() and (value[:3] > value[4:7]).all(), field

@@ -93,14 +93,14 @@ def test_an_earlier_run_in_out_needs_force(tmp_path, capsys):
     assert main(ppca) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"vaeserve train: error: {out} holds an earlier run (weights.pt, config.json, metrics.json, "
-                   "validation.npz, sample_rows.csv, training_state.pt, plots/); pass --force to replace it, "
+                   "validation.npz, calibration.npz, reference.npz, sample_rows.csv, training_state.pt, plots/); pass --force to replace it, "
                    "or give another --out")  # fmt: skip
     assert json.loads((out / "config.json").read_text())["model"]["kind"] == "vae"  # untouched
     assert main([*ppca, "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["model"]["kind"] == "ppca"
     # nothing of the earlier run is left to mix with this one (a PPCA run writes no training state, no plots here)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "notes.txt", "sample_rows.csv",
-                                                     "validation.npz", "weights.pt"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.npz", "config.json", "metrics.json", "notes.txt",
+                                                     "reference.npz", "sample_rows.csv", "validation.npz", "weights.pt"]  # fmt: skip
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--force"]) == 2
     assert "--force starts the run in --out afresh and --resume continues it" in capsys.readouterr().err

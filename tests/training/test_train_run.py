@@ -51,7 +51,7 @@ def test_tiny_run_writes_checkpoint_metrics_and_plots(tiny_run):
     from vaeserve.training.data import load_dataset, split
 
     data = load_dataset("digits")
-    train_rows, val_rows = split(data, 0.2, seed=0)
+    train_rows, val_rows, _ = split(data, 0.2, seed=0, calibration_fraction=0.2)
     counts = np.bincount(data.y[train_rows], minlength=10)
     np.testing.assert_allclose(load_checkpoint(out).data.class_prior, counts / counts.sum(), rtol=1e-12)
     np.testing.assert_array_equal(load_checkpoint(out).validation_rows()[0], data.x[val_rows])

@@ -19,17 +19,22 @@ from pathlib import Path
 
 from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
-from vaeserve.scoring import LIKELIHOODS, decoder_outputs
+from vaeserve.scoring import LIKELIHOODS, Combination, decoder_outputs
 
 # 2: support, scoring section, class prior moved from labels to scoring. 3: the optional score graph
 # (graphs.score) and its parity against the NumPy scorer (parity.score); float64 tensors. A version 2
 # manifest still reads: it has no score graph, and the service scores it with the NumPy scorer.
-SCHEMA_VERSION = 3
-READS = (2, 3)  # schema versions this vaeserve reads
+# 4: conformal calibration (thresholds.calibration_scores, promised and smallest false-positive rates,
+# rows held out of training and early stopping) and the combined default score (scoring.neighbours,
+# scoring.combination, graphs.neighbours, parity.neighbours). Schema 2 and 3 manifests still read: their
+# default score is neg_elbo and their Score has no p-values.
+SCHEMA_VERSION = 4
+READS = (2, 3, 4)  # schema versions this vaeserve reads
 MANIFEST = "manifest.json"
 KINDS = ("vae", "cvae", "ppca")
 DTYPES = ("float32", "float64")
-SCORES = ("neg_elbo", "neg_iw")
+SCORES = ("neg_elbo", "neg_iw", "combined")  # scores thresholds are calibrated for; "combined" is scoring.combination
+MAX_CALIBRATION_ROWS = 1 << 20
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_WIDTH = 1 << 24  # features or latent dimensions of a model: a 4096 x 4096 image; more is a corrupt manifest
 MAX_LABEL = 1024  # characters of a label name
@@ -72,6 +77,7 @@ def graph_contract(features: int, latent_dim: int, likelihood: str, classes: int
         decoder   z [N, latent_dim] (, y)             ->  scoring.decoder_outputs(likelihood), each [N, features]
         score     x [N, features] (, y)               ->  neg_elbo, reconstruction, kl [N, 1],
                                                           per_feature [N, features]; float64
+        neighbours  x [N, features]                   ->  knn [N, 1] float64 (since schema 4)
     """
     label = (TensorInfo("y", classes),) if classes else ()
     scores = tuple(TensorInfo(n, 1, "float64") for n in ("neg_elbo", "reconstruction", "kl"))
@@ -79,6 +85,7 @@ def graph_contract(features: int, latent_dim: int, likelihood: str, classes: int
         "encoder": ((TensorInfo("x", features), *label), (TensorInfo("mu", latent_dim), TensorInfo("logvar", latent_dim))),
         "decoder": ((TensorInfo("z", latent_dim), *label), tuple(TensorInfo(n, features) for n in decoder_outputs(likelihood))),
         "score": ((TensorInfo("x", features), *label), (*scores, TensorInfo("per_feature", features, "float64"))),
+        "neighbours": ((TensorInfo("x", features),), (TensorInfo("knn", 1, "float64"),)),
     }
 
 
@@ -110,17 +117,44 @@ class ScoringInfo:
     iw_samples: int  # K of the importance-weighted bound the neg_iw quantiles were calibrated at
     seed: int  # of the posterior noise
     class_prior: tuple[float, ...] | None  # CVAE: p(y) for label-free scoring, in label order
+    neighbours: "NeighbourInfo | None" = None  # the kNN part of the combined score (schema 4)
+    combination: Combination | None = None  # the default score's parts and their standardisation (schema 4)
+
+
+@dataclass(frozen=True)
+class NeighbourInfo:
+    k: int  # nearest reference rows averaged
+    reference_rows: int  # normalised training rows held in the neighbour graph
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "reference_rows": self.reference_rows}
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    score: str  # the score `default` applies to: neg_elbo
+    score: str  # the score `default` applies to: combined (scoring.combination) or neg_elbo
     default: float
     target_false_positive_rate: float
     quantiles: dict[str, dict[str, float]]  # score -> quantile ("0.99") -> value
     calibration_rows: int
     calibrated_on: str
     label_free: bool
+    # Schema 4 (vaeserve.conformal): the rate `default` holds, k/(n+1) <= target (or 1/(n+1) when the
+    # target is out of reach), the smallest rate n rows support, 1/(n+1), and the calibration rows' scores,
+    # ascending, for p-values. Older schemas: the target, None, None.
+    promised_false_positive_rate: float = 0.0
+    smallest_false_positive_rate: float | None = None
+    calibration_scores: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict:
+        d = {"score": self.score, "default": self.default, "target_false_positive_rate": self.target_false_positive_rate,
+             "quantiles": {s: dict(q) for s, q in self.quantiles.items()}, "calibration_rows": self.calibration_rows,
+             "calibrated_on": self.calibrated_on, "label_free": self.label_free}  # fmt: skip
+        if self.calibration_scores is not None:
+            d |= {"promised_false_positive_rate": self.promised_false_positive_rate,
+                  "smallest_false_positive_rate": self.smallest_false_positive_rate,
+                  "calibration_scores": list(self.calibration_scores)}  # fmt: skip
+        return d
 
 
 @dataclass(frozen=True)
@@ -145,6 +179,7 @@ class Parity:
     tolerance: float
     max_abs_diff: dict[str, float]  # "graph.output" -> max |ONNX Runtime - torch|
     score: ScoreParity | None = None  # with the score graph
+    neighbours: ScoreParity | None = None  # the neighbour graph against scoring.neighbour_distance (float64)
 
 
 @dataclass(frozen=True)
@@ -167,6 +202,7 @@ class Manifest:
     source_checkpoint: dict[str, str]  # path, sha256
     thresholds: Thresholds
     score: GraphInfo | None = None  # the score graph; None before it (schema 2) or when it missed its parity
+    neighbours: GraphInfo | None = None  # the neighbour graph of the combined score (schema 4), when exported with one
     label_column: str | None = None  # a CVAE's: the training data's label column (CSV) or array (NPZ), when named
 
     @property
@@ -175,11 +211,11 @@ class Manifest:
 
     @property
     def graphs(self) -> dict[str, GraphInfo]:
-        """Every graph of the version by name: encoder, decoder, and score where there is one."""
-        return {"encoder": self.encoder, "decoder": self.decoder} | ({} if self.score is None else {"score": self.score})
+        """Every graph of the version by name: encoder, decoder, and score and neighbours where there are."""
+        optional = {"score": self.score, "neighbours": self.neighbours}
+        return {"encoder": self.encoder, "decoder": self.decoder} | {k: v for k, v in optional.items() if v is not None}
 
     def to_dict(self) -> dict:
-        t = self.thresholds
         return {
             "schema_version": SCHEMA_VERSION,
             "name": self.name,
@@ -192,18 +228,19 @@ class Manifest:
             "support": self.support.to_dict(),
             "scoring": {"likelihood": self.scoring.likelihood, "elbo_samples": self.scoring.elbo_samples, "iw_samples": self.scoring.iw_samples,
                         "seed": self.scoring.seed,
-                        "class_prior": None if self.scoring.class_prior is None else list(self.scoring.class_prior)},  # fmt: skip
+                        "class_prior": None if self.scoring.class_prior is None else list(self.scoring.class_prior),
+                        "neighbours": None if self.scoring.neighbours is None else self.scoring.neighbours.to_dict(),
+                        "combination": None if self.scoring.combination is None else self.scoring.combination.to_dict()},  # fmt: skip
             "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
             "opset": self.opset,
             "exporter": self.exporter,
             "producer": dict(self.producer),
             "parity": {"batch_sizes": list(self.parity.batch_sizes), "tolerance": self.parity.tolerance,
                        "max_abs_diff": dict(self.parity.max_abs_diff)}
-                      | ({} if self.parity.score is None else {"score": self.parity.score.to_dict()}),  # fmt: skip
+                      | ({} if self.parity.score is None else {"score": self.parity.score.to_dict()})
+                      | ({} if self.parity.neighbours is None else {"neighbours": self.parity.neighbours.to_dict()}),  # fmt: skip
             "source_checkpoint": dict(self.source_checkpoint),
-            "thresholds": {"score": t.score, "default": t.default, "target_false_positive_rate": t.target_false_positive_rate,
-                           "quantiles": {s: dict(q) for s, q in t.quantiles.items()}, "calibration_rows": t.calibration_rows,
-                           "calibrated_on": t.calibrated_on, "label_free": t.label_free},  # fmt: skip
+            "thresholds": self.thresholds.to_dict(),
         }
 
     @classmethod
@@ -313,7 +350,7 @@ def _read(d) -> Manifest:
             source = d.get("source_checkpoint") if isinstance(d.get("source_checkpoint"), dict) else {}
             hint = (f" (written by an older vaeserve, without the model's support); re-export it: "
                     f"vaeserve export {source.get('path', 'CHECKPOINT')} --repository REPOSITORY --name {d.get('name', 'NAME')}")  # fmt: skip
-        reads = " and ".join(str(v) for v in READS)
+        reads = ", ".join(str(v) for v in READS[:-1]) + f" and {READS[-1]}"
         raise _Corrupt(f"schema_version {version!r} is not supported; this vaeserve reads {reads}{hint}")
 
     m = top.object("model")
@@ -360,8 +397,17 @@ def _read(d) -> Manifest:
             raise _Corrupt("scoring.class_prior: a cvae needs one finite probability > 0 per label, summing to 1")
     elif prior is not None:
         raise _Corrupt(f"scoring.class_prior must be null for a {model.kind}")
+    neighbours = combination = None
+    if version >= 4:
+        n = s.object("neighbours", nullable=True)
+        if n is not None:
+            neighbours = NeighbourInfo(n.integer("k", 1), n.integer("reference_rows", 1))
+            n.done()
+            if neighbours.k > neighbours.reference_rows:
+                raise _Corrupt(f"scoring.neighbours: k {neighbours.k} is more than its {neighbours.reference_rows} reference rows")
+        combination = _combination(s.object("combination", nullable=True), neighbours is not None)
     scoring = ScoringInfo(s.string("likelihood", LIKELIHOODS), s.integer("elbo_samples", 1), s.integer("iw_samples", 1),
-                          s.integer("seed"), prior)  # fmt: skip
+                          s.integer("seed"), prior, neighbours, combination)  # fmt: skip
     s.done()
 
     g = top.object("graphs")
@@ -369,25 +415,38 @@ def _read(d) -> Manifest:
     graphs = {name: _graph(g, name, *contract[name]) for name in ("encoder", "decoder")}
     # Schema 2 has no score graph: there `graphs.score` is left unread and refused as an unknown key.
     score_graph = _graph(g, "score", *contract["score"]) if version >= 3 and "score" in g.value else None
+    neighbour_graph = _graph(g, "neighbours", *contract["neighbours"]) if neighbours is not None else None
     g.done()
 
     t = top.object("thresholds")
     quantiles = t.mapping("quantiles", lambda section, score: _quantiles(section, score))
     if not set(quantiles) <= set(SCORES):
         raise _Corrupt(f"thresholds.quantiles: unknown score {sorted(set(quantiles) - set(SCORES))[0]!r}")
-    thresholds = Thresholds(
-        t.string("score", ("neg_elbo",)), t.number("default"),
-        t.number("target_false_positive_rate", lambda v: 0 < v < 1, "in (0, 1)"),
-        quantiles, t.integer("calibration_rows", 1), t.string("calibrated_on"), t.boolean("label_free"),
-    )  # fmt: skip
+    score_name = t.string("score", ("neg_elbo", "combined") if combination is not None else ("neg_elbo",))
+    target = t.number("target_false_positive_rate", lambda v: 0 < v < 1, "in (0, 1)")
+    values = dict(score=score_name, default=t.number("default"), target_false_positive_rate=target, quantiles=quantiles,
+                  calibration_rows=t.integer("calibration_rows", 1, MAX_CALIBRATION_ROWS), calibrated_on=t.string("calibrated_on"),
+                  label_free=t.boolean("label_free"), promised_false_positive_rate=target)  # fmt: skip
+    if version >= 4:
+        rows = values["calibration_rows"]
+        values |= dict(promised_false_positive_rate=t.number("promised_false_positive_rate", lambda v: 0 < v < 1, "in (0, 1)"),
+                       smallest_false_positive_rate=t.number("smallest_false_positive_rate", lambda v: abs(v * (rows + 1) - 1) < 1e-9,
+                                                             "1 / (calibration_rows + 1)"),
+                       calibration_scores=t.items("calibration_scores", (int, float), rows))  # fmt: skip
+        ordered = values["calibration_scores"]
+        if not all(math.isfinite(v) for v in ordered) or any(a > b for a, b in zip(ordered, ordered[1:])):
+            raise _Corrupt("thresholds.calibration_scores must be finite and ascending")
+    thresholds = Thresholds(**values)
     t.done()
 
     p = top.object("parity")
     parity = Parity(p.items("batch_sizes", int), p.number("tolerance", lambda v: v >= 0, "finite and >= 0"),
-                    p.mapping("max_abs_diff", _difference), _score_parity(p.optional_object("score")) if version >= 3 else None)  # fmt: skip
+                    p.mapping("max_abs_diff", _difference), _score_parity(p.optional_object("score"), "score") if version >= 3 else None,
+                    _score_parity(p.optional_object("neighbours"), "neighbours") if version >= 4 else None)  # fmt: skip
     p.done()
-    if (parity.score is None) != (score_graph is None):
-        raise _Corrupt("parity.score: a score graph comes with its parity, and parity.score with a score graph")
+    for name, graph in (("score", score_graph), ("neighbours", neighbour_graph)):
+        if (getattr(parity, name) is None) != (graph is None):
+            raise _Corrupt(f"parity.{name}: a {name} graph comes with its parity, and parity.{name} with a {name} graph")
 
     manifest = Manifest(
         name=top.string("name", pattern=NAME_PATTERN), version=top.integer("version", 1), created=top.string("created"),
@@ -395,7 +454,7 @@ def _read(d) -> Manifest:
         encoder=graphs["encoder"], decoder=graphs["decoder"], opset=top.integer("opset", 1), exporter=top.string("exporter"),
         producer=top.mapping("producer", lambda section, key: section.string(key)), parity=parity,
         source_checkpoint=top.mapping("source_checkpoint", lambda section, key: section.string(key)), thresholds=thresholds,
-        score=score_graph,
+        score=score_graph, neighbours=neighbour_graph,
     )  # fmt: skip
     top.done()
     return manifest
@@ -405,10 +464,26 @@ def _difference(section: _Object, key: str) -> float:
     return section.number(key, lambda v: v >= 0, "finite and >= 0")
 
 
-def _score_parity(p: _Object | None) -> ScoreParity | None:
+def _combination(c: _Object | None, has_neighbours: bool) -> Combination | None:
+    if c is None:
+        return None
+    parts = c.items("parts", str)
+    combination = Combination(parts, c.items("location", (int, float), len(parts)), c.items("scale", (int, float), len(parts)),
+                              c.items("weight", (int, float), len(parts)))  # fmt: skip
+    c.done()
+    known = ("neg_elbo", "knn") if has_neighbours else ("neg_elbo",)
+    if not parts or len(set(parts)) != len(parts) or not set(parts) <= set(known):
+        raise _Corrupt(f"scoring.combination.parts must be distinct names from {list(known)}")
+    if not all(math.isfinite(v) for v in combination.location) or \
+            not all(math.isfinite(v) and v > 0 for v in combination.scale + combination.weight):  # fmt: skip
+        raise _Corrupt("scoring.combination: location must be finite, scale and weight finite and > 0")
+    return combination
+
+
+def _score_parity(p: _Object | None, graph: str) -> ScoreParity | None:
     if p is None:
         return None
-    outputs = [t.name for t in graph_contract(1, 1, LIKELIHOODS[0])["score"][1]]
+    outputs = [t.name for t in graph_contract(1, 1, LIKELIHOODS[0])[graph][1]]
     parity = ScoreParity(p.items("batch_sizes", int), p.integer("rows", 1),
                          p.number("tolerance", lambda v: v >= 0, "finite and >= 0"),
                          p.mapping("max_abs_diff", _difference), p.mapping("max_rel_diff", _difference))  # fmt: skip

@@ -38,6 +38,11 @@ class ModelVersion:
         """The score graph; None in a version exported without one."""
         return None if self.manifest.score is None else self.path / self.manifest.score.file
 
+    @property
+    def neighbours_path(self) -> Path | None:
+        """The neighbour graph; None in a version exported without one."""
+        return None if self.manifest.neighbours is None else self.path / self.manifest.neighbours.file
+
 
 def load_version(path: str | Path) -> ModelVersion:
     """Load and verify one version folder; ArtifactError naming the file that is missing, corrupt or altered."""

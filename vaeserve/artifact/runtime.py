@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vaeserve.artifact.manifest import GraphInfo, ScoringInfo
+from vaeserve.artifact.manifest import GraphInfo, ScoringInfo, Thresholds
 from vaeserve.artifact.repository import ModelVersion
 from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
-from vaeserve.scoring import Decode, Encode, Scorer, ScoreGraph, Scores
+from vaeserve.conformal import Calibration
+from vaeserve.scoring import Decode, Encode, Neighbours, Scorer, ScoreGraph, Scores
 
 CHECK_ROWS = 2  # rows of the load-time run: the support's low and high ends
 ELEMENT_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)"}  # manifest dtype -> ONNX Runtime's
@@ -124,13 +125,31 @@ def score_callable(graph: Graph) -> ScoreGraph:
     return score
 
 
+def neighbours_callable(graph: Graph) -> Neighbours:
+    """knn(x) -> [rows] float64 of a neighbour graph, in the form Scorer takes."""
+
+    def knn(x):
+        return graph.run({"x": x})["knn"].reshape(-1)
+
+    return knn
+
+
 def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: Support, info: ScoringInfo,
-           score_graph: Graph | None = None) -> Scorer:  # fmt: skip
-    """The Scorer of the graphs with a manifest's scoring settings; with the score graph where there is one."""
+           score_graph: Graph | None = None, neighbour_graph: Graph | None = None,
+           thresholds: Thresholds | None = None) -> Scorer:  # fmt: skip
+    """The Scorer of the graphs with a manifest's scoring settings: with the score graph where there is one,
+    the combined score where the version has one, and p-values where its thresholds hold calibration scores."""
     prior = None if info.class_prior is None else np.asarray(info.class_prior, np.float64)
+    calibration = None
+    if thresholds is not None and thresholds.calibration_scores is not None:
+        calibration = Calibration.of(np.asarray(thresholds.calibration_scores, np.float64))
     return Scorer(*callables(encoder, decoder), info.likelihood, normalization, support, class_prior=prior,
                   elbo_samples=info.elbo_samples, seed=info.seed,
-                  score_graph=None if score_graph is None else score_callable(score_graph))  # fmt: skip
+                  score_graph=None if score_graph is None else score_callable(score_graph),
+                  neighbours=None if neighbour_graph is None else neighbours_callable(neighbour_graph),
+                  reference_rows=0 if info.neighbours is None else info.neighbours.reference_rows,
+                  combination=info.combination if neighbour_graph is not None or info.neighbours is None else None,
+                  calibration=calibration)  # fmt: skip
 
 
 class Model:
@@ -143,8 +162,10 @@ class Model:
         self.encoder = Graph(version.encoder_path, m.encoder, intra_op_threads)
         self.decoder = Graph(version.decoder_path, m.decoder, intra_op_threads)
         self.score_graph = None if m.score is None else Graph(version.score_path, m.score, intra_op_threads)
+        self.neighbour_graph = None if m.neighbours is None else Graph(version.neighbours_path, m.neighbours, intra_op_threads)
         self.encode, self.decode = callables(self.encoder, self.decoder)
-        self.scorer = scorer(self.encoder, self.decoder, m.normalization, m.support, m.scoring, self.score_graph)
+        self.scorer = scorer(self.encoder, self.decoder, m.normalization, m.support, m.scoring, self.score_graph,
+                             self.neighbour_graph, m.thresholds)  # fmt: skip
         self.check(CHECK_ROWS)
 
     def check(self, rows: int) -> None:
@@ -160,6 +181,8 @@ class Model:
         y = np.eye(len(m.labels), dtype=np.float32)[np.arange(rows) % len(m.labels)] if m.conditional else None
         mu = self.encoder.check_run({"x": x, "y": y})["mu"]
         self.decoder.check_run({"z": mu, "y": y})
+        if self.neighbour_graph is not None:
+            self.neighbour_graph.check_run({"x": x})
         if self.score_graph is not None:
             # The Scorer hands the graph one chunk at most, so one chunk warms it up; the NumPy reference it is
             # compared with runs on the support's two ends only (a warm-up of 300k rows would take minutes).

@@ -71,7 +71,7 @@ class ReconstructResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., neg_log_likelihood: _Optional[_Iterable[float]] = ..., mean_squared_error: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "version", "x", "labels", "threshold", "per_feature", "iw_samples")
+    __slots__ = ("model", "version", "x", "labels", "threshold", "per_feature", "iw_samples", "alpha")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ScoreRequest(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     PER_FEATURE_FIELD_NUMBER: _ClassVar[int]
     IW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     x: Tensor
@@ -86,10 +87,11 @@ class ScoreRequest(_message.Message):
     threshold: float
     per_feature: bool
     iw_samples: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[bool] = ..., iw_samples: _Optional[int] = ...) -> None: ...
+    alpha: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[bool] = ..., iw_samples: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "version", "neg_elbo", "reconstruction", "kl", "is_anomaly", "threshold", "per_feature", "neg_iw", "out_of_support", "support_distance")
+    __slots__ = ("model", "version", "neg_elbo", "reconstruction", "kl", "is_anomaly", "threshold", "per_feature", "neg_iw", "out_of_support", "support_distance", "anomaly_score", "p_value", "knn_distance")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEG_ELBO_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,9 @@ class ScoreResponse(_message.Message):
     NEG_IW_FIELD_NUMBER: _ClassVar[int]
     OUT_OF_SUPPORT_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ANOMALY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    KNN_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     neg_elbo: _containers.RepeatedScalarFieldContainer[float]
@@ -112,7 +117,10 @@ class ScoreResponse(_message.Message):
     neg_iw: _containers.RepeatedScalarFieldContainer[float]
     out_of_support: _containers.RepeatedScalarFieldContainer[bool]
     support_distance: Tensor
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., neg_elbo: _Optional[_Iterable[float]] = ..., reconstruction: _Optional[_Iterable[float]] = ..., kl: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[_Union[Tensor, _Mapping]] = ..., neg_iw: _Optional[_Iterable[float]] = ..., out_of_support: _Optional[_Iterable[bool]] = ..., support_distance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    anomaly_score: _containers.RepeatedScalarFieldContainer[float]
+    p_value: _containers.RepeatedScalarFieldContainer[float]
+    knn_distance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., neg_elbo: _Optional[_Iterable[float]] = ..., reconstruction: _Optional[_Iterable[float]] = ..., kl: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., per_feature: _Optional[_Union[Tensor, _Mapping]] = ..., neg_iw: _Optional[_Iterable[float]] = ..., out_of_support: _Optional[_Iterable[bool]] = ..., support_distance: _Optional[_Union[Tensor, _Mapping]] = ..., anomaly_score: _Optional[_Iterable[float]] = ..., p_value: _Optional[_Iterable[float]] = ..., knn_distance: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreStreamResponse(_message.Message):
     __slots__ = ("score", "error")
@@ -221,7 +229,7 @@ class GraphInfo(_message.Message):
     def __init__(self, file: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Thresholds(_message.Message):
-    __slots__ = ("score", "default", "quantiles", "elbo_samples", "iw_samples", "seed")
+    __slots__ = ("score", "default", "quantiles", "elbo_samples", "iw_samples", "seed", "target_false_positive_rate", "promised_false_positive_rate", "smallest_false_positive_rate", "calibration_rows", "calibrated_on")
     class QuantilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,13 +243,23 @@ class Thresholds(_message.Message):
     ELBO_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     IW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FALSE_POSITIVE_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROMISED_FALSE_POSITIVE_RATE_FIELD_NUMBER: _ClassVar[int]
+    SMALLEST_FALSE_POSITIVE_RATE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_ON_FIELD_NUMBER: _ClassVar[int]
     score: str
     default: float
     quantiles: _containers.MessageMap[str, Quantiles]
     elbo_samples: int
     iw_samples: int
     seed: int
-    def __init__(self, score: _Optional[str] = ..., default: _Optional[float] = ..., quantiles: _Optional[_Mapping[str, Quantiles]] = ..., elbo_samples: _Optional[int] = ..., iw_samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    target_false_positive_rate: float
+    promised_false_positive_rate: float
+    smallest_false_positive_rate: float
+    calibration_rows: int
+    calibrated_on: str
+    def __init__(self, score: _Optional[str] = ..., default: _Optional[float] = ..., quantiles: _Optional[_Mapping[str, Quantiles]] = ..., elbo_samples: _Optional[int] = ..., iw_samples: _Optional[int] = ..., seed: _Optional[int] = ..., target_false_positive_rate: _Optional[float] = ..., promised_false_positive_rate: _Optional[float] = ..., smallest_false_positive_rate: _Optional[float] = ..., calibration_rows: _Optional[int] = ..., calibrated_on: _Optional[str] = ...) -> None: ...
 
 class Quantiles(_message.Message):
     __slots__ = ("values",)

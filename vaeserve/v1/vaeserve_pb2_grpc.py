@@ -94,7 +94,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Score(self, request, context):
-        """Anomaly scores: -ELBO and its terms, optional importance-weighted bound and per-feature scores.
+        """Anomaly scores: the version's anomaly score with its p-value and flag, -ELBO and its terms, the
+        distance to the nearest training rows, optional importance-weighted bound and per-feature scores.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
