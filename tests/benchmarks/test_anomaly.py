@@ -12,8 +12,10 @@ ADBENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "
 DATASETS = ("4_breastw", "42_WBC")
 METHODS = ["vaeserve", "vaeserve-neg_elbo", "vaeserve-neg_iw", "vaeserve-reconstruction", "vaeserve-knn", "iforest", "pca",
            "knn", "ecod"]  # fmt: skip
-# Measured at seed 0 (defaults of this commit): vaeserve AUROC breastw 0.98, WBC 0.98 (iforest 0.99 / 0.995).
-AUROC_FLOOR = 0.90
+# Measured at seed 0 with the combined default score: vaeserve AUROC breastw 0.989, WBC 0.985 (kNN 0.987 /
+# 0.992, iforest 0.99 / 0.995); -ELBO alone gave 0.98 / 0.98.
+AUROC_FLOOR = 0.95  # vaeserve's default score
+BASELINE_FLOOR = 0.90
 
 
 @pytest.mark.skipif(not all((ADBENCH / f"{d}.npz").is_file() for d in DATASETS), reason="ADBench data not present")
@@ -31,7 +33,7 @@ def test_bench_anomaly_two_datasets_one_seed(tmp_path, capsys):
             assert 0.0 <= float(by[d, m]["auprc"]) <= 1.0 and float(by[d, m]["seconds"]) >= 0.0
         assert float(by[d, "vaeserve"]["auroc"]) > AUROC_FLOOR, d
         for baseline in ("iforest", "knn", "ecod"):  # the baselines run on the same split
-            assert float(by[d, baseline]["auroc"]) > AUROC_FLOOR, (d, baseline)
+            assert float(by[d, baseline]["auroc"]) > BASELINE_FLOOR, (d, baseline)
 
     with open(tmp_path / "thresholds.csv", newline="") as f:
         thresholds = list(csv.DictReader(f))
