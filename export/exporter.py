@@ -141,10 +141,16 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
         score_check = None
         rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info)
 
-    scoring_info, neighbour_check = _combined_score(ckpt, folder, rows, raw, scoring_info, entries, graphs, k, batch_sizes)
+    held = _calibration_rows(ckpt)
+    scoring_info, neighbour_check = _combined_score(ckpt, folder, rows, raw, held, scoring_info, entries, graphs, k,
+                                                    batch_sizes)  # fmt: skip
     rows = scorer(graphs["encoder"], graphs["decoder"], data.normalization, data.support, scoring_info, graphs.get("score"),
                   graphs.get("neighbours"))  # fmt: skip
-    calibration_rows, calibrated_on = _calibration_rows(ckpt, raw)
+    calibrated_on = "calibration rows held out of training and early stopping"
+    if held is None:
+        log.warning("%s holds no calibration rows (trained by an older vaeserve): the thresholds are calibrated on the "
+                    "validation rows, which chose the epoch, so the false-positive rate may run above target", ckpt.path)  # fmt: skip
+        held, calibrated_on = raw, "validation rows of the checkpoint (it holds no calibration rows)"
     return Manifest(
         name=name,
         version=version,
@@ -166,26 +172,27 @@ def _build(ckpt: Checkpoint, folder: Path, name: str, version: int, tolerance, b
                   "onnxruntime": onnxruntime.__version__},  # fmt: skip
         parity=Parity(tuple(batch_sizes), tolerance, diffs, score_check, neighbour_check),
         source_checkpoint={"path": str(Path(ckpt.path).resolve()), "sha256": ckpt.sha256()},
-        thresholds=calibrate(calibration_rows, rows, scoring_info.iw_samples, target=target, calibrated_on=calibrated_on),
+        thresholds=calibrate(held, rows, scoring_info.iw_samples, target=target, calibrated_on=calibrated_on),
     )
 
 
-def _combined_score(ckpt: Checkpoint, folder: Path, rows: scoring.Scorer, raw: np.ndarray, info: ScoringInfo,
-                    entries: dict, graphs: dict, k: int, batch_sizes) -> tuple[ScoringInfo, object]:  # fmt: skip
+def _combined_score(ckpt: Checkpoint, folder: Path, rows: scoring.Scorer, raw: np.ndarray, held: np.ndarray | None,
+                    info: ScoringInfo, entries: dict, graphs: dict, k: int, batch_sizes) -> tuple[ScoringInfo, object]:  # fmt: skip
     """The neighbour graph over the checkpoint's reference rows and the validation rows, checked against
-    NumPy, and the combination of -ELBO and knn standardised on the validation rows (which chose the epoch
-    but not the thresholds), each scored leave-one-out. Without k or reference rows (an older checkpoint):
-    the scoring info as it was."""
+    NumPy on the calibration rows `held`, and the combination of -ELBO and knn standardised on the validation
+    rows (which chose the epoch but not the thresholds), each scored leave-one-out. Without calibration rows
+    the validation rows calibrate, so they stay out of the reference. Without k or reference rows (an older
+    checkpoint), or when the graph misses its parity: the scoring info as it was, -ELBO the default score."""
     training = None if k == 0 else ckpt.reference_rows()
     if training is None:
         if k:
             log.warning("%s holds no reference rows (trained by an older vaeserve): -ELBO is the default score", ckpt.path)
         return info, None
-    if training.ndim != 2 or training.shape[1] != ckpt.model_config.input_dim:
+    if training.ndim != 2 or training.shape[1] != ckpt.model_config.input_dim or len(training) == 0:
         raise ArtifactError(f"{ckpt.path}: reference rows have shape {training.shape}; the model takes "
                             f"{ckpt.model_config.input_dim} features")  # fmt: skip
     validation = raw[:MAX_ROWS]
-    pooled = np.concatenate([training, validation])
+    pooled = np.concatenate([training, validation]) if held is not None else training.astype(np.float32)
     kept = np.arange(len(pooled))
     budget = scoring.reference_budget(pooled.shape[1])
     if len(pooled) > budget:
@@ -197,30 +204,33 @@ def _combined_score(ckpt: Checkpoint, folder: Path, rows: scoring.Scorer, raw: n
     onnx.save(build_neighbour_graph(reference, k, spec), str(folder / spec.file))
     entries["neighbours"] = GraphInfo(spec.file, file_sha256(folder / spec.file), spec.inputs, spec.outputs)
     graphs["neighbours"] = Graph(folder / spec.file, entries["neighbours"])
-    held = ckpt.calibration_rows()  # rows outside the reference: the validation rows would sit at distance 0
-    checked = validation if held is None else held[0][:MAX_ROWS].astype(np.float32)
-    check = neighbour_parity(neighbours_callable(graphs["neighbours"]), rows.neighbour_input(checked), reference, k,
-                             batch_sizes)  # fmt: skip
+    checked = validation if held is None else held[:MAX_ROWS]  # rows outside the reference
+    try:
+        check = neighbour_parity(neighbours_callable(graphs["neighbours"]), rows.neighbour_input(checked), reference, k,
+                                 batch_sizes)  # fmt: skip
+    except ExportError as err:
+        log.warning("%s; the version is exported without its neighbour graph: -ELBO is the default score", err)
+        del entries["neighbours"], graphs["neighbours"]
+        (folder / spec.file).unlink()
+        return info, None
     info = dataclasses.replace(info, neighbours=NeighbourInfo(k, len(reference)))
     s = rows.score(validation, None)  # label-free, as calibration scores
     # Each validation row's place in the reference (-1 if it was not kept): left out of its own distance.
-    place = np.full(len(pooled), -1)
+    place = np.full(len(training) + len(validation), -1)
     place[kept] = np.arange(len(kept))
     s.knn = scoring.neighbour_distance(rows.neighbour_input(validation), reference, k, exclude=place[len(training):])
     return dataclasses.replace(info, combination=scoring.Combination.fit(s)), check
 
 
-def _calibration_rows(ckpt: Checkpoint, validation: np.ndarray) -> tuple[np.ndarray, str]:
-    """The checkpoint's calibration rows; the validation rows, with a warning, for one trained before them."""
+def _calibration_rows(ckpt: Checkpoint) -> np.ndarray | None:
+    """The checkpoint's calibration rows; None for one trained before they were held out."""
     held = ckpt.calibration_rows()
     if held is None:
-        log.warning("%s holds no calibration rows (trained by an older vaeserve): the thresholds are calibrated on the "
-                    "validation rows, which chose the epoch, so the false-positive rate may run above target", ckpt.path)  # fmt: skip
-        return validation, "validation rows of the checkpoint (it holds no calibration rows)"
+        return None
     x = held[0]
     if x.ndim != 2 or x.shape[1] != ckpt.model_config.input_dim or len(x) == 0:
         raise ArtifactError(f"{ckpt.path}: calibration rows have shape {x.shape}, the model takes {ckpt.model_config.input_dim} features")
-    return x.astype(np.float32), "calibration rows held out of training and early stopping"
+    return x.astype(np.float32)
 
 
 def _validation_rows(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray | None, list[float] | None]:

@@ -47,6 +47,11 @@ def test_flagging_above_the_threshold_is_flagging_p_at_most_alpha(scores, alpha,
     assert ((p >= c.smallest_rate) & (p <= 1)).all()
 
 
+def test_alpha_just_below_one_flags_above_the_smallest_score():
+    c = Calibration.of(np.arange(10.0))
+    assert c.rank(1 - 1e-12) == 10 and c.threshold(1 - 1e-12) == 0.0 and c.rate(1 - 1e-12) == 10 / 11
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, float("nan")])
 def test_an_alpha_outside_zero_one_is_refused(alpha):
     with pytest.raises(InvalidInput, match=r"alpha must be in \(0, 1\)"):

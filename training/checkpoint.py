@@ -17,13 +17,14 @@
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaeserve.errors import ArtifactError
+from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.training.model import ModelConfig, build_model
 
@@ -84,8 +85,12 @@ class Checkpoint:
         return self._rows(REFERENCE)[0] if (self.path / REFERENCE).is_file() else None
 
     def _rows(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        with np.load(self.path / name, allow_pickle=False) as f:
-            return f["x"], (f["y"] if "y" in f.files else None)
+        try:
+            with np.load(self.path / name, allow_pickle=False) as f:
+                return f["x"], (f["y"] if "y" in f.files else None)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # truncated, not an npz, no x
+            raise ArtifactError(f"{self.path / name}: cannot be read ({cut(str(err) or type(err).__name__, 200)}); "
+                                "train the model again") from None
 
     def sha256(self) -> str:
         """Hash of the weights and config: names exactly the model an export came from."""

@@ -269,6 +269,9 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False) -> TrainRe
         if not (out / TRAINING_STATE).is_file() or not (out / CONFIG).is_file():
             raise ConfigError(f"nothing to resume in {out}: {TRAINING_STATE} or {CONFIG} is missing")
         previous = load_checkpoint(out)
+        if "calibration_fraction" not in previous.train:
+            raise ConfigError(f"{out} was trained by an older vaeserve, before rows were held out for calibration: "
+                              "resuming would split its rows differently; start it afresh (--force)")  # fmt: skip
         saved = TrainConfig.from_dict(previous.train)
         config = TrainConfig.from_dict(dict(asdict(saved), epochs=config.epochs, patience=config.patience,
                                             device=config.device, plots=config.plots, log_every=config.log_every))

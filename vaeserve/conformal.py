@@ -45,8 +45,8 @@ class Calibration:
         return 1.0 / (self.rows + 1)
 
     def rank(self, alpha: float) -> int:
-        """k = floor(alpha (n + 1)): flagging p <= alpha flags scores above the k-th largest."""
-        return int(math.floor(alpha * (self.rows + 1) + EPS))
+        """k = floor(alpha (n + 1)), at most n: flagging p <= alpha flags scores above the k-th largest."""
+        return min(self.rows, int(math.floor(alpha * (self.rows + 1) + EPS)))
 
     def rate(self, alpha: float) -> float:
         """The false-positive rate flagging at alpha holds: k / (n + 1) <= alpha (0 when out of reach)."""

@@ -440,7 +440,8 @@ class Scorer:
 
     def neighbour_input(self, x: np.ndarray) -> np.ndarray:
         """Raw rows as the neighbour graph takes them: normalised, not brought into the support (a value
-        outside is a distance from the training rows, not a point on the box), within +-KNN_CLIP."""
+        outside is a distance from the training rows, not a point on the box), within +-KNN_CLIP (a
+        standardising normaliser clips at its own +-clip first; the support penalty grows on beyond it)."""
         return np.clip(self.normalizer.apply(np.asarray(x, np.float32)), -KNN_CLIP, KNN_CLIP).astype(np.float32)
 
     def _anomaly_score(self, s: Scores, x: np.ndarray) -> Scores:

@@ -184,6 +184,12 @@ DAMAGES = {
                                        "a neighbours graph comes with its parity"),  # fmt: skip
     "neighbour graph output renamed": ("vae", _set("graphs.neighbours.outputs.0.name", "distance"), "graphs.neighbours.outputs",
                                        "are not this model's: expected knn [-1, 1] float64"),  # fmt: skip
+    "neg_elbo score beside a combination": ("vae", _set("thresholds.score", "neg_elbo"), "thresholds.score",
+                                            "is 'neg_elbo'; expected one of combined"),  # fmt: skip
+    "default not the conformal threshold": ("vae", _set("thresholds.default", 1e9), "thresholds.default",
+                                            "the calibration score of rank 1 from the top"),  # fmt: skip
+    "promised rate not k/(n+1)": ("vae", _set("thresholds.promised_false_positive_rate", 0.5), "thresholds.default",
+                                  "and 1/(calibration_rows + 1)"),  # fmt: skip
     "combined score without a combination": ("vae", _set("scoring.combination", None), "thresholds.score",
                                              "is 'combined'; expected one of neg_elbo"),  # fmt: skip
 }

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from vaeserve import scoring
 from vaeserve.artifact.manifest import file_sha256
 from vaeserve.artifact.repository import load_version
 from vaeserve.artifact.runtime import Model
-from vaeserve.errors import ConfigError, ExportError
+from vaeserve.errors import ArtifactError, ConfigError, ExportError
 from vaeserve.export.exporter import export_checkpoint
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.training.checkpoint import load_checkpoint
@@ -135,3 +136,23 @@ def test_ppca_importance_weighted_score_is_its_exact_log_likelihood(model_reposi
     _, logdet = np.linalg.slogdet(cov)
     exact = 0.5 * (x.shape[1] * scoring.LOG_2PI + logdet + np.einsum("ij,ij->i", diff, np.linalg.solve(cov, diff.T).T))
     np.testing.assert_allclose(s.neg_iw, exact, rtol=1e-4)
+
+
+def test_a_checkpoint_without_calibration_rows_calibrates_on_validation_rows_kept_out_of_the_reference(
+        make_checkpoint, tmp_path, caplog):  # fmt: skip
+    """Validation rows in the reference would sit at distance 0 and calibrate a threshold no new row meets."""
+    checkpoint = shutil.copytree(make_checkpoint("vae"), tmp_path / "vae")
+    (checkpoint / "calibration.npz").unlink()
+    version = export_checkpoint(checkpoint, tmp_path / "models", "vae")
+    m, ckpt = version.manifest, load_checkpoint(checkpoint)
+    assert "holds no calibration rows" in caplog.text and m.thresholds.calibrated_on.startswith("validation rows")
+    assert m.scoring.neighbours.reference_rows == len(ckpt.reference_rows())  # the training rows only
+    s = Model(version).scorer.score(ckpt.validation_rows()[0])
+    assert (s.knn > 0).all() and np.mean(s.flagged(m.thresholds.default)) <= 0.01
+
+
+def test_a_corrupt_checkpoint_file_is_named(make_checkpoint, tmp_path):
+    checkpoint = shutil.copytree(make_checkpoint("vae"), tmp_path / "vae")
+    (checkpoint / "calibration.npz").write_bytes((checkpoint / "calibration.npz").read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=r"calibration\.npz: cannot be read .*; train the model again"):
+        export_checkpoint(checkpoint, tmp_path / "models", "vae")

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from vaeserve.artifact.manifest import read_manifest
 from vaeserve.benchmarks.reload import copy_version
+from vaeserve.conformal import Calibration
 from vaeserve.service.client import Client, to_tensor
 from vaeserve.v1 import vaeserve_pb2 as pb
 from vaeserve.v1 import vaeserve_pb2_grpc as pb_grpc
@@ -140,13 +141,18 @@ def test_new_version_is_served_within_the_poll_interval(repository, model_reposi
         assert loads(server, "vae", "loaded") == 2 and loads(server, "vae", "failed") == 0
         assert model_info_versions(server, "vae") == {"1", "2"}
 
-        # Version 2 replaced by one with another threshold: its fingerprint changed, so it is read again.
+        # Version 2 replaced by one calibrated for another target (the conformal threshold of a 5% rate): its
+        # fingerprint changed, so it is read again.
         vae_1 = model_repository / "vae" / "1"
-        thresholds = dataclasses.replace(read_manifest(vae_1).thresholds, default=123.5)
-        replace_version(vae_1, repository, "vae", 2, thresholds=thresholds)
-        wait_for(lambda: client.get_model("vae").threshold == 123.5, NOTICED, "vae version 2 replaced")
+        calibrated = read_manifest(vae_1).thresholds
+        calibration = Calibration.of(np.asarray(calibrated.calibration_scores))
+        target = dataclasses.replace(calibrated, target_false_positive_rate=0.05, default=calibration.threshold(0.05),
+                                     promised_false_positive_rate=calibration.rate(0.05))  # fmt: skip
+        assert target.default < calibrated.default
+        replace_version(vae_1, repository, "vae", 2, thresholds=target)
+        wait_for(lambda: client.get_model("vae").threshold == target.default, NOTICED, "vae version 2 replaced")
         replaced = score(server.target, "vae", x)
-        assert (replaced.version, replaced.threshold) == (2, 123.5)
+        assert (replaced.version, replaced.threshold) == (2, target.default)
         assert score(server.target, "vae", x, version=1).threshold == before.threshold
         assert loads(server, "vae", "loaded") == 3
         assert model_info_versions(server, "vae") == {"1", "2"}

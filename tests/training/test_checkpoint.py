@@ -4,8 +4,10 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
+from vaeserve.errors import ConfigError
 from vaeserve.training.checkpoint import load_checkpoint
 from vaeserve.training.train import TRAINING_STATE, TrainConfig, train
 
@@ -42,4 +44,10 @@ def test_resume_continues_the_run(tmp_path):
     # optimizer, batch order and noise all restored: the same numbers as a run that never stopped
     for a, b in zip(resumed, straight):
         assert a["val_neg_elbo"] == b["val_neg_elbo"] and a["train_neg_elbo"] == b["train_neg_elbo"]
+    # A run from before the calibration split would split its rows differently when resumed: refused.
+    config = json.loads((out / "config.json").read_text())
+    del config["train"]["calibration_fraction"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="before rows were held out for calibration: resuming would split its rows"):
+        train(TrainConfig(**dict(settings, epochs=6)), out, resume=True)
     shutil.rmtree(tmp_path)

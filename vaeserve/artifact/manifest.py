@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from vaeserve.conformal import Calibration
 from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.scoring import LIKELIHOODS, Combination, decoder_outputs
@@ -422,7 +425,7 @@ def _read(d) -> Manifest:
     quantiles = t.mapping("quantiles", lambda section, score: _quantiles(section, score))
     if not set(quantiles) <= set(SCORES):
         raise _Corrupt(f"thresholds.quantiles: unknown score {sorted(set(quantiles) - set(SCORES))[0]!r}")
-    score_name = t.string("score", ("neg_elbo", "combined") if combination is not None else ("neg_elbo",))
+    score_name = t.string("score", ("combined",) if combination is not None else ("neg_elbo",))
     target = t.number("target_false_positive_rate", lambda v: 0 < v < 1, "in (0, 1)")
     values = dict(score=score_name, default=t.number("default"), target_false_positive_rate=target, quantiles=quantiles,
                   calibration_rows=t.integer("calibration_rows", 1, MAX_CALIBRATION_ROWS), calibrated_on=t.string("calibrated_on"),
@@ -436,6 +439,11 @@ def _read(d) -> Manifest:
         ordered = values["calibration_scores"]
         if not all(math.isfinite(v) for v in ordered) or any(a > b for a, b in zip(ordered, ordered[1:])):
             raise _Corrupt("thresholds.calibration_scores must be finite and ascending")
+        calibration = Calibration.of(np.asarray(ordered, np.float64))
+        k = max(1, calibration.rank(target))  # out of reach: the largest, at 1/(n+1)
+        if values["default"] != ordered[rows - k] or values["promised_false_positive_rate"] != k / (rows + 1):
+            raise _Corrupt(f"thresholds.default and promised_false_positive_rate must be the calibration score of rank {k} "
+                           f"from the top and {k}/(calibration_rows + 1): the conformal threshold of the target")  # fmt: skip
     thresholds = Thresholds(**values)
     t.done()
 
