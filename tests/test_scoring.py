@@ -132,7 +132,7 @@ def score_fields(s: Scores) -> dict[str, np.ndarray]:
     return {f.name: getattr(s, f.name) for f in fields(s) if getattr(s, f.name) is not None}
 
 
-ROUNDING = 1e-6  # relative: the neighbour graph's float32 distances of a row and of it brought back, a step apart
+ROUNDING = 1e-5  # relative: the neighbour graph's float32 distances of a row and of it brought back, a step apart
 
 
 def model_part(s: Scores) -> Scores:
