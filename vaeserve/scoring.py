@@ -57,9 +57,10 @@ Neighbours = Callable[[np.ndarray], np.ndarray]
 # standardised: 94.1 / 78.3 (distance to the nearest training row, support-clipped), 94.3 / 79.1 (nearest of
 # training and validation rows, unclipped), 94.45 / 79.8 (its square), 94.5 / 80.2 (the square weighted 2;
 # k = 2: 94.4 / 79.8; cubes: 94.6 / 80.3).
-NEIGHBOURS_K = 1
-NEIGHBOURS_POWER = 2  # knn is the mean of the k nearest squared distances (the graph takes no square root)
+NEIGHBOURS_K = 1  # knn is the mean of the k nearest squared distances
+COMBINED_PARTS = ("neg_elbo", "knn")
 COMBINED_WEIGHTS = (1.0, 2.0)  # of -ELBO and knn, each standardised
+KNN_CLIP = 1e4  # neighbour inputs are clipped to +-this (normaliser units): squares stay finite in float32
 # Rows kept as the kNN reference (a seeded subsample beyond): at most MAX_REFERENCE_ROWS, and at most
 # MAX_NEIGHBOUR_WORK / features, so the neighbour graph's multiply-adds per scored row stay below the
 # model's own for wide rows (a 784-512-256-32 MLP VAE: ~1.6M at 2 ELBO samples). Measured in process, one
@@ -72,8 +73,6 @@ MAX_NEIGHBOUR_WORK = 1 << 20
 def reference_budget(features: int) -> int:
     """How many reference rows the neighbour graph holds for rows of `features` values."""
     return max(1, min(MAX_REFERENCE_ROWS, MAX_NEIGHBOUR_WORK // max(1, features)))
-KNN_CLIP = 1e4  # neighbour inputs are clipped to +-this (normaliser units): squares stay finite in float32
-COMBINED_PARTS = ("neg_elbo", "knn")
 
 
 def decoder_outputs(likelihood: str) -> tuple[str, ...]:
@@ -152,7 +151,7 @@ class Scores:
     # [rows, features]: how far each value lies outside the support, in raw units (0 inside); None when
     # every value is inside. Set by Scorer, like the three below.
     support_distance: np.ndarray | None = None
-    knn: np.ndarray | None = None  # mean distance to the nearest training rows, normalised units; None without neighbours
+    knn: np.ndarray | None = None  # mean squared distance to the k nearest reference rows; None without neighbours
     anomaly_score: np.ndarray | None = None  # the version's default score (Combination), or neg_elbo without one
     p_value: np.ndarray | None = None  # conformal p-value of anomaly_score (vaeserve.conformal); None uncalibrated
 
@@ -357,8 +356,8 @@ class Scorer:
        Any score that is not a number or -inf (a numerical breakdown) is +inf: a score is finite or +inf,
        never NaN, and an anomaly detector that cannot vouch for a row calls it anomalous.
     4. The anomaly score: with `neighbours` (the version's neighbour graph over `reference_rows` training
-       rows), `knn` of the rows in the box; with a `combination`, its sum of standardised parts, else
-       neg_elbo; with a `calibration`, the conformal p-value of each row's anomaly score.
+       and validation rows), `knn` of the rows as sent (neighbour_input); with a `combination`, its weighted
+       sum of standardised parts, else neg_elbo; with a `calibration`, each row's conformal p-value.
 
     A conditional model scores with one-hot `labels`, or without them label-free over `class_prior`.
     With a `score_graph` (built for this model's likelihood, elbo_samples and seed), step 2 runs it in place of
@@ -370,7 +369,7 @@ class Scorer:
                  elbo_samples: int = ELBO_SAMPLES, seed: int = SEED, chunk_values: int = CHUNK_VALUES,
                  score_graph: ScoreGraph | None = None, neighbours: Neighbours | None = None,
                  reference_rows: int = 0, combination: Combination | None = None,
-                 calibration: "Calibration | None" = None):  # fmt: skip
+                 calibration: Calibration | None = None):  # fmt: skip
         decoder_outputs(likelihood)  # an unknown likelihood fails here, not at the first request
         self.score_graph = score_graph
         self.neighbours, self.reference_rows = neighbours, reference_rows
