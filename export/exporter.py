@@ -236,10 +236,7 @@ def _calibration_rows(ckpt: Checkpoint) -> np.ndarray | None:
 def _validation_rows(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray | None, list[float] | None]:
     """Raw held-out rows, their one-hot labels (CVAE) and the class prior (CVAE)."""
     config, data = ckpt.model_config, ckpt.data
-    try:
-        raw, y = ckpt.validation_rows()
-    except (OSError, KeyError, ValueError) as err:
-        raise ArtifactError(f"{ckpt.path}: cannot read the held-out validation rows ({err})") from None
+    raw, y = ckpt.validation_rows()  # ArtifactError naming the file when it cannot be read
     if raw.ndim != 2 or raw.shape[1] != config.input_dim or raw.shape[0] == 0:
         raise ArtifactError(f"{ckpt.path}: validation rows have shape {raw.shape}, the model takes {config.input_dim} features")
     raw = raw.astype(np.float32)

@@ -79,7 +79,10 @@ def cases(make_checkpoint, digits, tmp_path_factory) -> Cases:
         m = model.manifest
         out[f"{name}/served"] = Case(model.scorer, m.thresholds.default)
         for norm, normalizer in normalizers.items():
-            built = runtime.scorer(model.encoder, model.decoder, normalizer, support, m.scoring)
+            # the model's own graphs under another normaliser and support: -ELBO, no neighbours (their reference
+            # rows and standardisation belong to the served normaliser)
+            plain = replace(m.scoring, neighbours=None, combination=None)
+            built = runtime.scorer(model.encoder, model.decoder, normalizer, support, plain)
             out[f"{name}/{norm}"] = Case(built, m.thresholds.default)
     assert out["cvae-mlp-gaussian/none"].scorer.class_prior is not None  # CVAEs score label-free
     return out

@@ -148,8 +148,7 @@ def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: S
                   score_graph=None if score_graph is None else score_callable(score_graph),
                   neighbours=None if neighbour_graph is None else neighbours_callable(neighbour_graph),
                   reference_rows=0 if info.neighbours is None else info.neighbours.reference_rows,
-                  combination=info.combination if neighbour_graph is not None or info.neighbours is None else None,
-                  calibration=calibration)  # fmt: skip
+                  combination=info.combination, calibration=calibration)  # fmt: skip
 
 
 class Model:
