@@ -447,7 +447,8 @@ class Scorer:
         """knn, the default anomaly score and its p-value."""
         if self.neighbours is not None:
             normalised = self.neighbour_input(x)
-            chunk = max(1, self.chunk_values // max(1, self.reference_rows * self.features))
+            # The graph's largest array is [rows, reference rows] (the Gemm's distances; the features are summed in it).
+            chunk = max(1, self.chunk_values // max(1, self.reference_rows))
             parts = [np.asarray(self.neighbours(normalised[start : start + chunk]), np.float64).reshape(-1)
                      for start in range(0, len(normalised), chunk)]  # fmt: skip
             s.knn = fail_safe(np.concatenate(parts) if parts else np.zeros(0))
