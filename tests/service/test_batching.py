@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from vaeserve.errors import ModelNotReady, QueueFull
-from vaeserve.service.batching import INLINE_WORK, BatcherConfig, DynamicBatcher, RequestExpired
+from vaeserve.service.batching import INLINE_WORK, QUIET_TURNS, BatcherConfig, DynamicBatcher, RequestExpired
 
 TIMEOUT = 5.0  # seconds; bounds every wait, so a broken batcher fails the test instead of hanging it
 LONG_DELAY = 10.0  # a max_queue_delay no test waits out
@@ -450,7 +450,7 @@ def test_drain_runs_queued_requests_without_waiting_for_the_delay(executor, gate
         await asyncio.gather(head, *shared)
         waiting = [submit(batcher, 4), submit(batcher, 5, rows=2)]
         await until_pending(batcher, 2)
-        for _ in range(10):
+        for _ in range(QUIET_TURNS + 10):
             await asyncio.sleep(0)
         assert len(run.batches) == 2 and not any(call.done() for call in waiting)
         batcher.drain()
@@ -474,7 +474,7 @@ def test_as_many_requests_as_recent_batches_start_without_the_delay(executor):
         batcher.start()
         for ids, waits in rounds:
             calls = [submit(batcher, i) for i in ids]
-            for _ in range(10):  # a few turns of the loop: enough to start and run a batch, far short of 0.2 s
+            for _ in range(QUIET_TURNS + 10):  # enough turns of the loop to start and run a batch, far short of 0.2 s
                 await asyncio.sleep(0)
             assert [call.done() for call in calls] == [not waits] * len(ids), f"round {ids}"
             for i, result in zip(ids, await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)):
@@ -493,7 +493,7 @@ def test_after_an_idle_spell_longer_than_the_delay_a_lone_request_starts_at_once
         await asyncio.gather(*(submit(batcher, i) for i in range(3)))  # recent batches held three
         await asyncio.sleep(0.3)
         lone = submit(batcher, 3)
-        for _ in range(10):
+        for _ in range(QUIET_TURNS + 10):
             await asyncio.sleep(0)
         assert lone.done()
         return lone.result()
@@ -517,21 +517,41 @@ def test_requests_that_join_a_starting_batch_are_not_refused(executor):
     assert run.batches == [(None, [0, 1, 2])]
 
 
-def test_a_batch_waits_a_turn_while_requests_keep_arriving(executor):
+@pytest.mark.parametrize("gap", [1, QUIET_TURNS - 2])
+def test_a_batch_waits_while_requests_keep_arriving(executor, gap):
     run = Recorder()
     batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, inline_work=INLINE_WORK)
 
     async def scenario():
         batcher.start()
         calls = []
-        for i in range(3):  # one arrival per turn of the loop, each ahead of that turn's batch timer
+        for i in range(3):  # one arrival every `gap` turns of the loop, fewer than QUIET_TURNS apart
             calls.append(submit(batcher, i))
-            await asyncio.sleep(0)
+            for _ in range(gap):
+                await asyncio.sleep(0)
         return await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)
 
     for i, result in enumerate(serve(scenario())):
         assert_answered(result, i)
     assert run.batches == [(None, [0, 1, 2])]
+
+
+def test_a_batch_starts_once_arrivals_pause_for_quiet_turns(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, inline_work=INLINE_WORK)
+
+    async def scenario():
+        batcher.start()
+        first = submit(batcher, 0)
+        for _ in range(QUIET_TURNS + 4):  # a lone request (the target is one) waits out the quiet turns, not the delay
+            await asyncio.sleep(0)
+        assert first.done()
+        second = submit(batcher, 1)
+        return await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT)
+
+    for i, result in enumerate(serve(scenario())):
+        assert_answered(result, i)
+    assert run.batches == [(None, [0]), (None, [1])]
 
 
 def test_full_score_queue_is_resource_exhausted_over_grpc(model_repository, start_server):
