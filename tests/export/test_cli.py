@@ -1,5 +1,6 @@
 """`vaeserve export` from the command line."""
 
+import re
 import shutil
 
 import numpy as np
@@ -87,7 +88,10 @@ def test_export_command_reports_failure_in_one_line(make_checkpoint, tmp_path, c
     checkpoint = make_checkpoint("ppca", kind="ppca", latent_dim=8)
     assert main(["export", str(checkpoint), "--repository", str(tmp_path), "--name", "m", "--tolerance", "0"]) == 2
     err = capsys.readouterr().err
-    assert "vaeserve export: error: ONNX Runtime disagrees with torch beyond tolerance 0: encoder.mu max abs diff" in err
+    # Which outputs differ at tolerance 0 depends on the float rounding of this CPU's kernels: any may match exactly.
+    listed = r"(encoder|decoder)\.\w+ max abs diff [0-9.e+-]+"
+    assert re.fullmatch(rf"vaeserve export: error: ONNX Runtime disagrees with torch beyond tolerance 0: {listed}(, {listed})*\n",
+                        err), err  # fmt: skip
     assert list((tmp_path / "m").iterdir()) == []
     assert main(["export", str(tmp_path / "missing"), "--repository", str(tmp_path), "--name", "m"]) == 2
     assert "is not a checkpoint: weights.pt is missing" in capsys.readouterr().err
