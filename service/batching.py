@@ -87,7 +87,7 @@ INLINE_WORK = 256 * 64
 # starts. A request takes a few turns from gRPC's completion queue to submit(), so one quiet turn closed
 # batches on requests already on their way: single-row Score of the digits model at 64 callers made batches
 # of 2.8-3.3 rows at one turn and 7-8.7 at eight (1.5-1.8x the requests per second, fresh servers, 3 rounds);
-# a lone caller's empty turns cost no measurable latency (1 caller: 575 vs 559 req/s, within the box's noise).
+# a lone caller (recent batches of one request) waits one turn, as before.
 QUIET_TURNS = 8
 # A request is queued only if the batches ahead of it, at the recent time per batch, fit in this share of
 # the time its deadline leaves: the rest absorbs the estimate's error and the answer's way back.
@@ -240,14 +240,17 @@ class DynamicBatcher:
 
     def _start_batch(self) -> None:
         """Take the next batch and compute it: here when it is small, else in the executor. Before its
-        delay is up, a batch that is not full waits until QUIET_TURNS turns have passed without an arrival."""
+        delay is up, a batch that is not full waits until QUIET_TURNS turns have passed without an arrival
+        (one turn for a lone request when recent batches held one)."""
         self._timer = None
         if self._loop is None:
             return
         loop = self._loop
         now = loop.time()
         self._quiet = 0 if self._arrived else self._quiet + 1
-        if self._quiet < QUIET_TURNS and self._queue and not self._urgent() and now < self._delay_ends():
+        # A lone request after lone batches (one caller) waits one quiet turn; concurrent callers QUIET_TURNS.
+        quiet = QUIET_TURNS if self._expected > 1 or len(self._queue) > 1 else 1
+        if self._quiet < quiet and self._queue and not self._urgent() and now < self._delay_ends():
             self._arrived = False  # requests may still be on their way: give them another turn to join
             self._timer, self._timer_due = loop.call_at(now, self._start_batch), now
             return

@@ -524,16 +524,32 @@ def test_a_batch_waits_while_requests_keep_arriving(executor, gap):
 
     async def scenario():
         batcher.start()
-        calls = []
-        for i in range(3):  # one arrival every `gap` turns of the loop, fewer than QUIET_TURNS apart
-            calls.append(submit(batcher, i))
+        calls = [submit(batcher, 0), submit(batcher, 1)]  # two callers at once: concurrent callers
+        for i in range(2, 4):  # then one arrival every `gap` turns of the loop, fewer than QUIET_TURNS apart
             for _ in range(gap):
                 await asyncio.sleep(0)
+            calls.append(submit(batcher, i))
         return await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT)
 
     for i, result in enumerate(serve(scenario())):
         assert_answered(result, i)
-    assert run.batches == [(None, [0, 1, 2])]
+    assert run.batches == [(None, [0, 1, 2, 3])]
+
+
+def test_a_lone_request_after_lone_batches_waits_one_turn_only(executor):
+    run = Recorder()
+    batcher = make_batcher(run, executor, max_batch_size=64, max_queue_delay=LONG_DELAY, inline_work=INLINE_WORK)
+
+    async def scenario():
+        batcher.start()
+        first = submit(batcher, 0)
+        for _ in range(4):  # one caller: no quiet turns to wait out, far fewer than QUIET_TURNS
+            await asyncio.sleep(0)
+        assert first.done()
+        return await first
+
+    assert_answered(serve(scenario()), 0)
+    assert run.batches == [(None, [0])]
 
 
 def test_a_batch_starts_once_arrivals_pause_for_quiet_turns(executor):
