@@ -245,7 +245,6 @@ class Server:
 
 async def _serve_worker(settings: Settings, stop_signals=(signal.SIGTERM, signal.SIGINT)) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while models load: a SIGHUP then must not end the process
-    memory.configure_allocator()  # before the first batch: see service/memory.py
     server = Server(settings)
     loop = asyncio.get_running_loop()
     for sig in stop_signals:
@@ -260,6 +259,7 @@ def _worker_main(settings: Settings) -> None:
     # Ctrl-C reaches the whole group and the parent forwards it as SIGTERM: one signal, not a second one
     # that would skip the drain's notice.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    memory.configure_allocator()  # before any thread allocates: see service/memory.py
     try:
         asyncio.run(_serve_worker(settings, stop_signals=(signal.SIGTERM,)))
     except VaeserveError as err:
@@ -356,6 +356,7 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a clean drain."""
     check_ports(settings)
     if settings.workers == 1:
+        memory.configure_allocator()  # before any thread allocates: see service/memory.py
         start_metrics_server(settings)
         asyncio.run(_serve_worker(settings))
         return 0
