@@ -59,8 +59,6 @@ async def _measure(workers, seconds: float, rows: int = 1) -> dict:
     import asyncio
     import time
 
-    import numpy as np
-
     latencies: list[float] = []
     state = {"measure": False, "stop": False}
     tasks = [asyncio.ensure_future(worker) for worker in workers(state, latencies)]
@@ -71,6 +69,13 @@ async def _measure(workers, seconds: float, rows: int = 1) -> dict:
     state["stop"] = True
     elapsed = time.perf_counter() - start
     await asyncio.gather(*tasks)
+    return _summary(latencies, elapsed, rows)
+
+
+def _summary(latencies: list[float], elapsed: float, rows: int) -> dict:
+    """Calls per second, rows per second and latency percentiles of calls that took `latencies` seconds."""
+    import numpy as np
+
     lat = np.asarray(latencies) * 1000
     return {"req_s": len(lat) / elapsed, "rows_s": len(lat) * rows / elapsed,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
@@ -373,6 +378,7 @@ def _floors(version, request, seconds: float, rounds: int) -> dict:
     mu = model.encoder.run({"x": x, "y": y})["mu"]
     z = np.repeat(mu, m.scoring.elbo_samples, axis=0)
     y_samples = None if y is None else np.repeat(y, m.scoring.elbo_samples, axis=0)
+    neighbour_x = scorer.neighbour_input(raw)
 
     def graphs():
         if model.score_graph is None:  # a version without one scores on the NumPy path: its graphs are these
@@ -380,7 +386,7 @@ def _floors(version, request, seconds: float, rounds: int) -> dict:
         else:
             model.score_graph.run({"x": x, "y": y})
         if model.neighbour_graph is not None:
-            model.neighbour_graph.run({"x": scorer.neighbour_input(raw)})
+            model.neighbour_graph.run({"x": neighbour_x})
 
     def encoder_decoder():
         model.encoder.run({"x": x, "y": y})
@@ -399,8 +405,6 @@ def _time(one, rows: int, seconds: float) -> dict:
     """Call one() back to back for `seconds` (after one call to warm up)."""
     import time
 
-    import numpy as np
-
     latencies = []
     one()
     end = time.perf_counter() + seconds
@@ -410,6 +414,4 @@ def _time(one, rows: int, seconds: float) -> dict:
         one()
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1000
-    return {"req_s": len(lat) / elapsed, "rows_s": len(lat) * rows / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+    return _summary(latencies, elapsed, rows)
