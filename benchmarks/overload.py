@@ -90,7 +90,7 @@ async def _overload(args, server, version) -> dict:
             outstanding -= 1
 
         tasks = set()
-        batches = _batches(server)
+        batches = _batches(server, version.name)
         cpu = _cpu(server)
         start = time.perf_counter()
         sent, next_rss = 0, start + 1.0
@@ -111,7 +111,7 @@ async def _overload(args, server, version) -> dict:
             await asyncio.sleep(0.001)
         elapsed = time.perf_counter() - start
         cpu_overload = _per_second(cpu, _cpu(server), elapsed)
-        batches = {k: v - batches[k] for k, v in _batches(server).items()}
+        batches = {k: v - batches[k] for k, v in _batches(server, version.name).items()}
         await asyncio.gather(*tasks)
         rss.append(server.memory()["VmRSS"])
         await asyncio.sleep(1.0)
@@ -134,9 +134,10 @@ async def _overload(args, server, version) -> dict:
     }  # fmt: skip
 
 
-def _batches(server) -> dict:
-    """Score batches so far: how many, their rows and compute seconds, from the server's metrics."""
-    m = {name: value for (name, labels), value in server.metrics().items() if dict(labels).get("graph") == "score"}
+def _batches(server, model: str) -> dict:
+    """The model's Score batches so far: how many, their rows and compute seconds, from the server's metrics."""
+    m = {name: value for (name, labels), value in server.metrics().items()
+         if dict(labels).get("graph") == "score" and dict(labels).get("model") == model}  # fmt: skip
     return {"count": m.get("vaeserve_batch_rows_count", 0.0), "rows": m.get("vaeserve_batch_rows_sum", 0.0),
             "seconds": m.get("vaeserve_compute_seconds_sum", 0.0)}  # fmt: skip
 
