@@ -13,24 +13,9 @@ from vaeserve.artifact import runtime, serving_graph
 from vaeserve.artifact.repository import load_version
 from vaeserve.artifact.runtime import Model
 from vaeserve.normalization import Normalizer
-from vaeserve.training.checkpoint import load_checkpoint
 
 MODELS = ("vae", "cvae", "ppca")
 FIELDS = ("neg_elbo", "reconstruction", "kl", "per_feature", "knn", "anomaly_score", "p_value")
-
-
-@pytest.fixture(scope="module")
-def models(model_repository):
-    return {name: Model(load_version(model_repository / name / "1")) for name in MODELS}
-
-
-@pytest.fixture(scope="module")
-def held_out(make_checkpoint):
-    out = {}
-    for name in MODELS:
-        raw, y = load_checkpoint(make_checkpoint(name)).validation_rows()
-        out[name] = (raw.astype(np.float32), np.eye(10, dtype=np.float32)[y.astype(np.int64)])
-    return out
 
 
 def counted(scorer):
