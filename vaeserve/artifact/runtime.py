@@ -249,7 +249,7 @@ class Model:
                 listed = ", ".join(f"{name} {diff:.3g}" for name, diff in failed.items())
                 raise ArtifactError(f"{self.score_graph.path}: disagrees with the NumPy scorer beyond relative tolerance "
                                     f"{m.parity.score.tolerance:g} ({listed}); export it again")  # fmt: skip
-        if getattr(self.scorer, "serving", None) is not None:  # the service's warm-up, once the serving graph is in
+        if self.scorer.serving is not None:  # the service's warm-up, once the serving graph is in
             self.scorer.score(raw, y)
 
 
