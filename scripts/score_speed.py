@@ -1,19 +1,17 @@
-"""Scorer.score rows/s in-process: the score graph (one ONNX Runtime call per chunk, the rest of the Score in
-NumPy) against the NumPy path (encoder, NumPy sampling, decoder, float64 NumPy likelihood), and the serving
-graph (the whole Score in one call, vaeserve.artifact.serving_graph) where the version has one, on one model
-version, interleaved.
+"""Scorer.score rows/s in-process: the score graph (one ONNX Runtime call per chunk) against the NumPy path
+(encoder, NumPy sampling, decoder, float64 NumPy likelihood), on one model version, interleaved.
 
     .venv/bin/python scripts/score_speed.py MODEL_VERSION_FOLDER [--batches 1 64 256 1024] [--rounds 3] [--seconds 1]
                                             [--label-free]   (a CVAE's rows without labels; with them by default)
                                             [--cold]         (caches swept between calls, as in the server)
 
-Rounds alternate numpy, graph, serving, numpy, ... per batch size; each round scores the same raw rows (the
+Rounds alternate numpy, graph, numpy, graph, ... per batch size; each round scores the same raw rows (the
 checkpoint's held-out rows when the manifest's source checkpoint is readable, else rows drawn inside the
 support) for about --seconds. Prints the median rows/s of each path with the min-max spread over rounds,
 the ratio of medians, and the median microseconds per call spent outside ONNX Runtime's run (which
 releases the GIL): Python and NumPy, what holds the GIL against the service's event loop. Only ratios
 from one run are comparable. glibc's thresholds are raised first, as the server does (service/memory.py),
-so every path runs in the allocator's fast state. The first lines are the parity of each path with NumPy on the rows.
+so both paths run in the allocator's fast state. The first line is the parity of the two paths on the rows.
 """
 
 import argparse
@@ -23,7 +21,7 @@ import time
 import numpy as np
 
 from vaeserve.artifact.repository import load_version
-from vaeserve.artifact.runtime import Model, serving_callable
+from vaeserve.artifact.runtime import Model
 from vaeserve.service import memory
 
 
@@ -34,9 +32,6 @@ class TimedSession:
 
     def __init__(self, session):
         self.session = session
-
-    def __getattr__(self, name):  # get_inputs, get_outputs, ...
-        return getattr(self.session, name)
 
     def run(self, *args, **kwargs):
         start = time.perf_counter()
@@ -83,8 +78,6 @@ def main() -> None:
     for graph in (model.encoder, model.decoder, model.score_graph, model.neighbour_graph):
         if graph is not None:
             graph.session = TimedSession(graph.session)
-    if model.serving is not None:
-        model.scorer.serving = serving_callable(TimedSession(model.serving))
     scorer, m = model.scorer, model.manifest
     if not scorer.uses_graph():
         raise SystemExit(f"{args.version}: no score graph (exported before schema 3?)")
@@ -103,42 +96,25 @@ def main() -> None:
           f"latent {m.model.latent_dim}, {m.scoring.elbo_samples} ELBO samples{', label-free' if args.label_free else ''}"
           f"{', caches swept between calls' if args.cold else ''}; {source}; "
           f"providers {model.encoder.providers}")  # fmt: skip
-    serving = scorer.serving  # the serving graph, where the version has one (vaeserve.artifact.serving_graph)
-
-    def on(graph):
-        def score(rows, y):
-            scorer.serving = graph
-            try:
-                return scorer.score(rows, y)
-            finally:
-                scorer.serving = serving
-        return score
-
-    paths = {"numpy": lambda rows, y: scorer.score(rows, y, reference=True), "graph": on(None)}
-    if serving is not None:
-        paths["serving"] = on(serving)
-    for name in list(paths)[1:]:
-        _, relative = paths[name](raw, labels).differences(paths["numpy"](raw, labels))
-        print(f"parity on {len(raw)} rows, max |{name} - numpy| / (1 + |numpy|): "
-              + ", ".join(f"{field} {diff:.1e}" for field, diff in relative.items()))  # fmt: skip
-    print(f"{'batch':>6} " + " ".join(f"{name + ' rows/s (min-max)':>28}" for name in paths)
-          + f" {'graph/numpy':>12}" + (f" {'serving/graph':>14}" if serving is not None else "")
-          + " us/call outside ORT: " + " ".join(paths))  # fmt: skip
+    _, relative = scorer.score(raw, labels).differences(scorer.score(raw, labels, reference=True))
+    print(f"parity on {len(raw)} rows, max |graph - numpy| / (1 + |numpy|): "
+          + ", ".join(f"{name} {diff:.1e}" for name, diff in relative.items()))  # fmt: skip
+    print(f"{'batch':>6} {'numpy rows/s (min-max)':>28} {'graph rows/s (min-max)':>28} {'graph/numpy':>12} "
+          f"{'us/call outside ORT: numpy':>27} {'graph':>6}")  # fmt: skip
     for batch in args.batches:
         index = np.arange(batch) % len(raw)
         x, y = raw[index], None if labels is None else labels[index]
+        paths = {"numpy": lambda rows: scorer.score(rows, y, reference=True), "graph": lambda rows: scorer.score(rows, y)}
         measured, outside = {name: [] for name in paths}, {name: [] for name in paths}
         for _ in range(args.rounds):
             for name, score in paths.items():
-                rate, python = measure(lambda rows: score(rows, y), x, args.seconds, sweep)
+                rate, python = measure(score, x, args.seconds, sweep)
                 measured[name].append(rate)
                 outside[name].append(python)
         cells = [f"{statistics.median(v):>10,.0f} ({min(v):,.0f}-{max(v):,.0f})" for v in measured.values()]
-        rate = {name: statistics.median(v) for name, v in measured.items()}
-        ratios = [rate["graph"] / rate["numpy"]] + ([rate["serving"] / rate["graph"]] if serving is not None else [])
-        print(f"{batch:>6} " + " ".join(f"{c:>28}" for c in cells) + f" {ratios[0]:>11.2f}x"
-              + (f" {ratios[1]:>13.2f}x" if serving is not None else "")
-              + "  " + " / ".join(f"{statistics.median(v):,.0f}" for v in outside.values()))  # fmt: skip
+        ratio = statistics.median(measured["graph"]) / statistics.median(measured["numpy"])
+        held = [statistics.median(v) for v in outside.values()]
+        print(f"{batch:>6} {cells[0]:>28} {cells[1]:>28} {ratio:>11.2f}x {held[0]:>27,.0f} {held[1]:>6,.0f}")
 
 
 if __name__ == "__main__":

@@ -50,9 +50,6 @@ Decode = Callable[[np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
 ScoreGraph = Callable[[np.ndarray, np.ndarray | None], "Scores"]
 # neighbour graph(neighbour_input(x)) -> [rows] float64 mean squared distance to the k nearest reference rows
 Neighbours = Callable[[np.ndarray], np.ndarray]
-# serving graph(finite raw x, one-hot labels or None) -> Scores as Scorer.score gives them, but the p-value
-# (vaeserve.artifact.serving_graph)
-Serving = Callable[[np.ndarray, np.ndarray | None], "Scores"]
 
 # The default anomaly score's second opinion: the squared distance to the nearest reference row (the
 # training and validation rows), by evidence on the 15 ADBench sets x 5 seeds (docs/anomaly.md, mean AUROC /
@@ -176,9 +173,9 @@ class Scores:
 
     def differences(self, reference: "Scores") -> tuple[dict[str, float], dict[str, float]]:
         """Max |self - reference| and max |self - reference| / (1 + |reference|) of each score both hold
-        (neg_elbo, reconstruction, kl, neg_iw, per_feature, knn, anomaly_score); NaN where a value is NaN in one only."""
+        (neg_elbo, reconstruction, kl, neg_iw, per_feature); NaN where a value is NaN in one only."""
         absolute, relative = {}, {}
-        for name in ("neg_elbo", "reconstruction", "kl", "neg_iw", "per_feature", "knn", "anomaly_score"):
+        for name in ("neg_elbo", "reconstruction", "kl", "neg_iw", "per_feature"):
             got, want = getattr(self, name), getattr(reference, name)
             if got is None or want is None:
                 continue
@@ -364,9 +361,7 @@ class Scorer:
 
     A conditional model scores with one-hot `labels`, or without them label-free over `class_prior`.
     With a `score_graph` (built for this model's likelihood, elbo_samples and seed), step 2 runs it in place of
-    the NumPy path wherever iw_samples is 0 (label-free: on the rows tiled over the classes). With a `serving`
-    graph (vaeserve.artifact.serving_graph: steps 1 to 4 but the p-values, in one call), finite rows given
-    their labels (or of a model without any) skip the rest.
+    the NumPy path wherever iw_samples is 0 (label-free: on the rows tiled over the classes).
     """
 
     def __init__(self, encode: Encode, decode: Decode, likelihood: str, normalizer: Normalizer,
@@ -374,9 +369,9 @@ class Scorer:
                  elbo_samples: int = ELBO_SAMPLES, seed: int = SEED, chunk_values: int = CHUNK_VALUES,
                  score_graph: ScoreGraph | None = None, neighbours: Neighbours | None = None,
                  reference_rows: int = 0, combination: Combination | None = None,
-                 calibration: Calibration | None = None, serving: Serving | None = None):  # fmt: skip
+                 calibration: Calibration | None = None):  # fmt: skip
         decoder_outputs(likelihood)  # an unknown likelihood fails here, not at the first request
-        self.score_graph, self.serving = score_graph, serving
+        self.score_graph = score_graph
         self.neighbours, self.reference_rows = neighbours, reference_rows
         if combination is not None and "knn" in combination.parts and neighbours is None:
             raise ValueError("a combination with knn needs the neighbour graph")
@@ -428,10 +423,6 @@ class Scorer:
               reference: bool = False) -> Scores:  # fmt: skip
         """Scores of raw rows x [rows, features]; `labels` one-hot [rows, classes] or None. `reference`:
         on the NumPy path even where the score graph applies."""
-        x = np.asarray(x, np.float32)
-        if self.serving is not None and not reference and self.uses_graph(iw_samples) \
-                and (labels is not None or self.class_prior is None) and np.isfinite(x).all():  # fmt: skip
-            return self._serve(x, labels)
         normalised, distance = self.prepare(x)
         rows = len(normalised)
         chunk = max(1, self.chunk_values // max(1, self.work(1, labels is not None, iw_samples)))
@@ -445,21 +436,6 @@ class Scorer:
             ]  # fmt: skip
             s = self._outside_and_fail_safe(Scores.concatenate(parts), distance)
             return self._anomaly_score(s, x)
-
-    def _serve(self, x: np.ndarray, labels: np.ndarray | None) -> Scores:
-        """score() of finite rows given their labels (or of a model without any) on the serving graph, in
-        chunks that bound both its score part and its neighbour part."""
-        chunk = self.chunk_values // max(1, self.work(1, labels is not None))
-        if self.neighbours is not None:
-            chunk = min(chunk, self.chunk_values // max(1, self.reference_rows))
-        chunk = max(1, chunk)
-        s = Scores.concatenate([self.serving(x[start : start + chunk], None if labels is None else labels[start : start + chunk])
-                                for start in range(0, len(x), chunk)])  # fmt: skip
-        if not (s.support_distance > 0).any():
-            s.support_distance = None  # every value inside, as prepare() says
-        if self.calibration is not None:
-            s.p_value = self.calibration.p_values(s.anomaly_score)
-        return s
 
     def neighbour_input(self, x: np.ndarray) -> np.ndarray:
         """Raw rows as the neighbour graph takes them: normalised, not brought into the support (a value

@@ -1,33 +1,11 @@
-"""For the artifact tests: the shared repository's versions opened, their held-out rows, a private copy of a
-version folder, and rewriting its manifest."""
+"""A private copy of a version folder, and rewriting its manifest, for the artifact tests."""
 
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from vaeserve.artifact.manifest import MANIFEST
-from vaeserve.artifact.repository import load_version
-from vaeserve.artifact.runtime import Model
-from vaeserve.training.checkpoint import load_checkpoint
-
-MODELS = ("vae", "cvae", "ppca")  # the shared repository's models with a score graph
-
-
-@pytest.fixture(scope="module")
-def models(model_repository):
-    return {name: Model(load_version(model_repository / name / "1")) for name in MODELS}
-
-
-@pytest.fixture(scope="module")
-def held_out(make_checkpoint):
-    """Raw held-out rows and their one-hot labels, per model."""
-    out = {}
-    for name in MODELS:
-        raw, y = load_checkpoint(make_checkpoint(name)).validation_rows()
-        out[name] = (raw.astype(np.float32), np.eye(10, dtype=np.float32)[y.astype(np.int64)])
-    return out
 
 
 @pytest.fixture

@@ -23,6 +23,21 @@ CASES = ("vae", "ppca", "cvae", "cvae-label-free")  # model, and how a CVAE's ro
 OUTPUTS = ("neg_elbo", "reconstruction", "kl", "per_feature")
 
 
+@pytest.fixture(scope="module")
+def models(model_repository):
+    return {name: Model(load_version(model_repository / name / "1")) for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def held_out(make_checkpoint):
+    """Raw held-out rows and their one-hot labels, per model."""
+    out = {}
+    for name in MODELS:
+        raw, y = load_checkpoint(make_checkpoint(name)).validation_rows()
+        out[name] = (raw.astype(np.float32), np.eye(10, dtype=np.float32)[y.astype(np.int64)])
+    return out
+
+
 def rows_of(held_out, case: str, count: int):
     raw, labels = held_out[case.split("-")[0]]
     index = np.arange(count) % len(raw)

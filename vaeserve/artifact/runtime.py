@@ -12,21 +12,17 @@ score graph must also agree with the NumPy scorer on those rows, within the tole
 """
 
 import glob
-import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from vaeserve.artifact.manifest import GraphInfo, ScoringInfo, Thresholds
-from vaeserve.artifact import serving_graph
 from vaeserve.artifact.repository import ModelVersion
 from vaeserve.errors import ArtifactError, cut
 from vaeserve.normalization import Normalizer, Support
 from vaeserve.conformal import Calibration
-from vaeserve.scoring import Decode, Encode, Neighbours, Scorer, ScoreGraph, Scores, Serving
-
-log = logging.getLogger(__name__)
+from vaeserve.scoring import Decode, Encode, Neighbours, Scorer, ScoreGraph, Scores
 
 CHECK_ROWS = 2  # rows of the load-time run: the support's low and high ends
 ELEMENT_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)"}  # manifest dtype -> ONNX Runtime's
@@ -40,8 +36,7 @@ def wanted_providers() -> list[str]:
     return wanted
 
 
-def create_session(path: str | Path | bytes, intra_op_threads: int = 1) -> ort.InferenceSession:
-    """A session of an ONNX file, or of a serialised model (the serving graph, built in memory)."""
+def create_session(path: str | Path, intra_op_threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -51,7 +46,7 @@ def create_session(path: str | Path | bytes, intra_op_threads: int = 1) -> ort.I
     # of large requests); plain malloc gives it back when the server trims (service/memory.py). Measured
     # with the default digits decoder at 8, 64 and 2048 rows: the same time per run either way.
     options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=wanted_providers())
+    return ort.InferenceSession(str(path), options, providers=wanted_providers())
 
 
 class Graph:
@@ -139,21 +134,6 @@ def neighbours_callable(graph: Graph) -> Neighbours:
     return knn
 
 
-def serving_callable(session: ort.InferenceSession) -> Serving:
-    """serve(x, y) -> Scores of a serving graph (vaeserve.artifact.serving_graph), in the form Scorer takes."""
-    inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-
-    def serve(x, y):
-        feeds = {"x": x} if "y" not in inputs else {"x": x, "y": np.ascontiguousarray(y, np.float32)}
-        out = dict(zip(outputs, session.run(outputs, feeds)))
-        neg_elbo, knn, combined = out["neg_elbo"].reshape(-1), out.get("knn"), out.get("anomaly_score")
-        return Scores(neg_elbo, out["reconstruction"].reshape(-1), out["kl"].reshape(-1), None, out["per_feature"],
-                      support_distance=out["support_distance"], knn=None if knn is None else knn.reshape(-1),
-                      anomaly_score=neg_elbo if combined is None else combined.reshape(-1))  # fmt: skip
-
-    return serve
-
-
 def scorer(encoder: Graph, decoder: Graph, normalization: Normalizer, support: Support, info: ScoringInfo,
            score_graph: Graph | None = None, neighbour_graph: Graph | None = None,
            thresholds: Thresholds | None = None) -> Scorer:  # fmt: skip
@@ -186,40 +166,6 @@ class Model:
         self.scorer = scorer(self.encoder, self.decoder, m.normalization, m.support, m.scoring, self.score_graph,
                              self.neighbour_graph, m.thresholds)  # fmt: skip
         self.check(CHECK_ROWS)
-        self.serving = self._serving_graph(intra_op_threads)
-
-    def _serving_graph(self, intra_op_threads: int) -> ort.InferenceSession | None:
-        """The serving graph of a version with a score graph, handed to the Scorer once it agrees with the
-        Scorer's own path, within the score graph's tolerance, on the support's ends and on rows past them
-        (given their labels: a CVAE's label-free rows stay on that path). None where it cannot be built or
-        disagrees (logged: the version then scores as before)."""
-        m = self.manifest
-        if self.score_graph is None:
-            return None
-        try:
-            model = serving_graph.build(self.version.score_path, self.version.neighbours_path if self.neighbour_graph else None,
-                                        m.normalization, m.support, m.scoring.likelihood, m.scoring.combination)  # fmt: skip
-            session = None if model is None else create_session(model, intra_op_threads)
-        except Exception as err:  # onnx or ONNX Runtime refusing the composed graph
-            log.warning("%s: no serving graph (%s); Score runs the score graph and NumPy", self.version.path, _first_line(err))
-            return None
-        if session is None:
-            return None
-        span = m.support.high - m.support.low
-        raw = np.stack([m.support.low, m.support.high, m.support.low - span, m.support.high + span,
-                        np.where(np.arange(len(span)) % 2, m.support.low - span, m.support.high)]).astype(np.float32)
-        labels = np.eye(len(m.labels), dtype=np.float32)[np.arange(len(raw)) % len(m.labels)] if m.conditional else None
-        want = self.scorer.score(raw, labels)
-        self.scorer.serving = serving_callable(session)
-        _, relative = self.scorer.score(raw, labels).differences(want)
-        failed = {name: diff for name, diff in relative.items() if not diff <= m.parity.score.tolerance}
-        if failed:
-            self.scorer.serving = None
-            log.warning("%s: the serving graph disagrees with the score graph and NumPy beyond relative tolerance %g (%s); "
-                        "Score runs those", self.version.path, m.parity.score.tolerance,
-                        ", ".join(f"{name} {diff:.3g}" for name, diff in failed.items()))  # fmt: skip
-            return None
-        return session
 
     def check(self, rows: int) -> None:
         """Run `rows` rows through the graphs and check what they compute (ArtifactError naming the file):
@@ -249,8 +195,6 @@ class Model:
                 listed = ", ".join(f"{name} {diff:.3g}" for name, diff in failed.items())
                 raise ArtifactError(f"{self.score_graph.path}: disagrees with the NumPy scorer beyond relative tolerance "
                                     f"{m.parity.score.tolerance:g} ({listed}); export it again")  # fmt: skip
-        if self.scorer.serving is not None:  # the service's warm-up, once the serving graph is in
-            self.scorer.score(raw, y)
 
 
 def _first_line(err: Exception) -> str:
