@@ -136,8 +136,8 @@ async def _overload(args, server, version) -> dict:
 
 def _batches(server, model: str) -> dict:
     """The model's Score batches so far: how many, their rows and compute seconds, from the server's metrics."""
-    m = {name: value for (name, labels), value in server.metrics().items()
-         if dict(labels).get("graph") == "score" and dict(labels).get("model") == model}  # fmt: skip
+    wanted = {("graph", "score"), ("model", model)}
+    m = {name: value for (name, labels), value in server.metrics().items() if wanted <= set(labels)}
     return {"count": m.get("vaeserve_batch_rows_count", 0.0), "rows": m.get("vaeserve_batch_rows_sum", 0.0),
             "seconds": m.get("vaeserve_compute_seconds_sum", 0.0)}  # fmt: skip
 
