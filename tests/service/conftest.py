@@ -1,5 +1,7 @@
 """A real server on loopback, as a subprocess of `vaeserve serve`, over the exported test repository."""
 
+import asyncio
+
 import pytest
 
 from vaeserve.benchmarks import harness
@@ -42,3 +44,20 @@ def rows(digits):
     """Raw held-out digits rows (features 0..16)."""
     data, _, val, *_ = digits
     return data.x[val][:32].astype("float32"), [data.label_names[i] for i in data.y[val][:32]]
+
+
+@pytest.fixture(scope="session")
+def wait_admitted():
+    """await wait_admitted(server, model, count): until `count` Score requests of `model`, each a batch of its
+    own, are pending or answered (a scrape may land after the first batch is done); fails after 1000 scrapes."""
+
+    async def wait(server, model: str, count: int) -> None:
+        labels = (("graph", "score"), ("model", model))
+        for _ in range(1000):
+            metrics = await asyncio.to_thread(server.metrics)
+            if metrics.get(("vaeserve_pending_requests", labels), 0) + metrics.get(("vaeserve_compute_seconds_count", labels), 0) >= count:
+                return
+            await asyncio.sleep(0.02)
+        pytest.fail(f"{count} Score requests of {model} never all admitted")
+
+    return wait

@@ -12,7 +12,7 @@ IN_FLIGHT = 8
 CLIENT_SEND_FAILED = "SendMessageOperation"  # in debug_error_string: the client's own write failed
 
 
-def test_health_and_sigterm_during_load(model_repository, start_server):
+def test_health_and_sigterm_during_load(model_repository, start_server, wait_admitted):
     from vaeserve.service.client import AsyncClient
 
     # A long warm-up keeps the server NOT_SERVING for a while. Requests of max_batch_size rows with a large
@@ -30,15 +30,9 @@ def test_health_and_sigterm_during_load(model_repository, start_server):
                 watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
                 assert (await watch.read()).status == SERVING
                 x = np.ones((256, 64), np.float32)
-                calls = [asyncio.ensure_future(client.score("vae", x + i, iw_samples=256)) for i in range(IN_FLIGHT)]
-                # Wait (at most 20 s) until every request sits in the Score queue, then ask the server to stop.
-                key = ("vaeserve_pending_requests", (("graph", "score"), ("model", "vae")))
-                for _ in range(1000):
-                    if (await asyncio.to_thread(server.metrics)).get(key, 0) >= IN_FLIGHT:
-                        break
-                    await asyncio.sleep(0.02)
-                else:
-                    pytest.fail(f"{IN_FLIGHT} requests never showed as pending")
+                calls = [asyncio.ensure_future(client.score("vae", x + i, iw_samples=512)) for i in range(IN_FLIGHT)]
+                # Wait until every request is in the Score queue (or answered), then ask the server to stop.
+                await wait_admitted(server, "vae", IN_FLIGHT)
                 server.process.send_signal(15)
                 assert (await watch.read()).status == NOT_SERVING
                 watch.cancel()

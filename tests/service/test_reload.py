@@ -252,7 +252,7 @@ def test_max_versions_serves_the_newest_that_load(repository, model_repository, 
     assert (loads(server, "vae", "loaded"), loads(server, "vae", "failed")) == (3, 1)
 
 
-def test_in_flight_requests_on_a_removed_version_finish(repository, model_repository, serve):
+def test_in_flight_requests_on_a_removed_version_finish(repository, model_repository, serve, wait_admitted):
     copy_version(model_repository / "vae" / "1", repository, "vae", 2)
     server = serve(repository, max_batch_size=256)
     in_flight = 6
@@ -264,16 +264,7 @@ def test_in_flight_requests_on_a_removed_version_finish(repository, model_reposi
             stub = pb_grpc.InferenceStub(channel)
             requests = [pb.ScoreRequest(model="vae", version=2, x=to_tensor(x + i), iw_samples=512) for i in range(in_flight)]
             calls = [asyncio.ensure_future(stub.Score(request, timeout=60)) for request in requests]
-            labels = (("graph", "score"), ("model", "vae"))
-            for _ in range(1000):
-                # Admitted: pending, or answered in a batch of its own; a scrape may come after the first batch.
-                metrics = await asyncio.to_thread(server.metrics)
-                admitted = metrics.get(("vaeserve_pending_requests", labels), 0) + metrics.get(("vaeserve_compute_seconds_count", labels), 0)
-                if admitted >= in_flight:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                pytest.fail(f"{in_flight} requests never all admitted")
+            await wait_admitted(server, "vae", in_flight)
             shutil.rmtree(repository / "vae" / "2")
             with Client(server.target) as client:
                 for _ in range(int(NOTICED / 0.02)):
