@@ -11,6 +11,11 @@ connections, as for the echo server.
 A small shared box drifts by ±10% within a minute, so echo and single-row Score with batching on are
 measured in alternating rounds (--rounds); each point reports its median round, and the ratio to echo
 is the median of the rounds' ratios. Loops are bounded by --seconds per point and round.
+
+Each point of a one-worker server (and of the echo server) also prints the CPU time per call, over the
+same window: the server's in all, its main thread's (the event loop, which also runs small batches), and
+the load generator's, which shares the box. Where the two together use both cores, a ratio is bounded by
+the box, not by the server.
 """
 
 import contextlib
@@ -53,9 +58,10 @@ async def _channels(target: str):
             await channel.close()
 
 
-async def _measure(workers, seconds: float, rows: int = 1) -> dict:
+async def _measure(workers, seconds: float, rows: int = 1, server_pid: int | None = None) -> dict:
     """Run the coroutines workers(state, latencies) make until state["stop"], measuring for `seconds` after
-    a short warm-up; each appends a call's latency in seconds while state["measure"]."""
+    a short warm-up; each appends a call's latency in seconds while state["measure"]. With `server_pid`,
+    also the CPU time per call of that server and of this load generator over the same window."""
     import asyncio
     import time
 
@@ -64,12 +70,41 @@ async def _measure(workers, seconds: float, rows: int = 1) -> dict:
     tasks = [asyncio.ensure_future(worker) for worker in workers(state, latencies)]
     await asyncio.sleep(min(0.5, seconds / 4))
     state["measure"] = True
+    before = _cpu(server_pid), time.process_time()
     start = time.perf_counter()
     await asyncio.sleep(seconds)
     state["stop"] = True
     elapsed = time.perf_counter() - start
+    after = _cpu(server_pid), time.process_time()
     await asyncio.gather(*tasks)
-    return _summary(latencies, elapsed, rows)
+    summary = _summary(latencies, elapsed, rows)
+    if before[0] is not None and after[0] is not None and latencies:
+        per_call = 1e6 / len(latencies)
+        summary["server_cpu_us"] = (after[0][1] - before[0][1]) * per_call
+        summary["loop_cpu_us"] = (after[0][0] - before[0][0]) * per_call
+        summary["client_cpu_us"] = (after[1] - before[1]) * per_call
+    return summary
+
+
+def _cpu(pid: int | None) -> tuple[float, float] | None:
+    """(main thread, all threads) CPU seconds so far of process `pid`, from each thread's schedstat (run time
+    in ns; Linux). The main thread runs the event loop and the small batches; a thread that ended in
+    between is not counted. None without a pid or /proc."""
+    import os
+
+    if pid is None or not os.path.isdir(f"/proc/{pid}/task"):
+        return None
+    main = total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                seconds = int(f.read().split()[0]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+        total += seconds
+        if int(tid) == pid:
+            main = seconds
+    return main, total
 
 
 def _summary(latencies: list[float], elapsed: float, rows: int) -> dict:
@@ -81,8 +116,9 @@ def _summary(latencies: list[float], elapsed: float, rows: int) -> dict:
     return {"req_s": len(lat) / elapsed, "rows_s": len(lat) * rows / elapsed, "p50_ms": float(p50), "p99_ms": float(p99)}
 
 
-async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
-    """`callers` loops calling one of `calls` (round robin) back to back for `seconds` after a short warm-up."""
+async def _load(calls, callers: int, seconds: float, rows: int = 1, server_pid: int | None = None) -> dict:
+    """`callers` loops calling one of `calls` (round robin) back to back for `seconds` after a short warm-up;
+    with `server_pid`, CPU per call too (_measure)."""
     import time
 
     async def caller(call, state, latencies):
@@ -93,7 +129,7 @@ async def _load(calls, callers: int, seconds: float, rows: int = 1) -> dict:
                 latencies.append(time.perf_counter() - start)
 
     return await _measure(lambda state, latencies: [caller(calls[i % len(calls)], state, latencies) for i in range(callers)],
-                          seconds, rows)  # fmt: skip
+                          seconds, rows, server_pid)  # fmt: skip
 
 
 async def _echo_server(port: int):
@@ -151,7 +187,9 @@ async def _run_all(args, version) -> dict:
           f"single-row Score request {single.ByteSize()} bytes; {args.seconds:g} s per point")  # fmt: skip
 
     def report(label, r):
-        print(f"  {label:<44} {r['req_s']:>9.0f} req/s {r['rows_s']:>10.0f} rows/s   p50 {r['p50_ms']:6.2f} ms   p99 {r['p99_ms']:6.2f} ms")
+        cpu = (f"   CPU/call: server {r['server_cpu_us']:,.0f} us (loop thread {r['loop_cpu_us']:,.0f}), load generator "
+               f"{r['client_cpu_us']:,.0f} us" if "server_cpu_us" in r else "")  # fmt: skip
+        print(f"  {label:<44} {r['req_s']:>9.0f} req/s {r['rows_s']:>10.0f} rows/s   p50 {r['p50_ms']:6.2f} ms   p99 {r['p99_ms']:6.2f} ms{cpu}")
         results[label] = r
 
     # Bare grpc.aio echo server, same payload, in its own process like the real server; it idles while
@@ -178,11 +216,12 @@ async def _run_all(args, version) -> dict:
                         stubs = [pb_grpc.InferenceStub(c) for c in score_channels]
                         for point, request, n, rows in plan:
                             calls = [lambda stub=stub, request=request: stub.Score(request) for stub in stubs]
+                            pid = server.process.pid if settings.get("workers", 1) == 1 else None  # not a supervisor's
                             if rows > 1 or not paired:
-                                report(point, await _load(calls, n, args.seconds, rows))
+                                report(point, await _load(calls, n, args.seconds, rows, pid))
                                 continue
-                            pairs = [(await _load(echo_calls, n, args.seconds), await _load(calls, n, args.seconds))
-                                     for _ in range(args.rounds)]  # fmt: skip
+                            pairs = [(await _load(echo_calls, n, args.seconds, server_pid=echo.pid),
+                                      await _load(calls, n, args.seconds, server_pid=pid)) for _ in range(args.rounds)]  # fmt: skip
                             report(f"echo {n} callers", _median_round([e for e, _ in pairs]))
                             report(point, _median_round([r for _, r in pairs]))
                             ratios = sorted(r["req_s"] / e["req_s"] for e, r in pairs)
@@ -263,6 +302,7 @@ async def _protocols(args, version, single, bulk, results, report) -> None:
         await asyncio.to_thread(server.wait_serving)
         print(f"protocols on one server (batching on), alternating rounds, median of {args.rounds}: vaeserve.v1 Score, "
               f"OIP ModelInfer (raw_input_contents), ScoreStream ({STREAMS} streams, {STREAM_WINDOW} messages in flight each)")  # fmt: skip
+        pid = server.process.pid
         async with _channels(server.target) as channels:
             stubs = [pb_grpc.InferenceStub(c) for c in channels]
             infers = [c.unary_unary("/inference.GRPCInferenceService/ModelInfer",
@@ -276,11 +316,11 @@ async def _protocols(args, version, single, bulk, results, report) -> None:
                 return [lambda call=call: call(request) for call in infers]
 
             points = {
-                "Score 1 row, 64 callers": lambda: _load(score(single), 64, args.seconds),
-                "OIP ModelInfer 1 row, 64 callers": lambda: _load(infer(infer_request(single)), 64, args.seconds),
-                f"ScoreStream 1 row, {STREAMS} streams": lambda: _stream_load(stubs, single, args.seconds),
-                "Score 256 rows, 8 callers": lambda: _load(score(bulk), 8, args.seconds, 256),
-                "OIP ModelInfer 256 rows, 8 callers": lambda: _load(infer(infer_request(bulk)), 8, args.seconds, 256),
+                "Score 1 row, 64 callers": lambda: _load(score(single), 64, args.seconds, 1, pid),
+                "OIP ModelInfer 1 row, 64 callers": lambda: _load(infer(infer_request(single)), 64, args.seconds, 1, pid),
+                f"ScoreStream 1 row, {STREAMS} streams": lambda: _stream_load(stubs, single, args.seconds, pid),
+                "Score 256 rows, 8 callers": lambda: _load(score(bulk), 8, args.seconds, 256, pid),
+                "OIP ModelInfer 256 rows, 8 callers": lambda: _load(infer(infer_request(bulk)), 8, args.seconds, 256, pid),
             }
             rounds = {point: [] for point in points}
             for i in range(args.rounds):  # every other round in reverse order: no point always follows another
@@ -300,7 +340,7 @@ async def _protocols(args, version, single, bulk, results, report) -> None:
         print(f"  {key}: {results[key]:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
-async def _stream_load(stubs, request, seconds: float) -> dict:
+async def _stream_load(stubs, request, seconds: float, server_pid: int | None = None) -> dict:
     """STREAMS ScoreStreams sending `request` over and over, each with STREAM_WINDOW messages in flight,
     for `seconds` after a short warm-up; latency is from a message's send to its reply. A message the server
     refuses (an error reply: more calls inside than its max_concurrent_rpcs, when STREAMS x STREAM_WINDOW
@@ -330,7 +370,7 @@ async def _stream_load(stubs, request, seconds: float) -> dict:
             slots.release()  # once stopped, the requests end when the last reply is in, and so does the stream
 
     result = await _measure(lambda state, latencies: [stream(stubs[i % len(stubs)], state, latencies) for i in range(STREAMS)],
-                            seconds)  # fmt: skip
+                            seconds, server_pid=server_pid)  # fmt: skip
     result["refused"] = sum(refused.values())
     for message, count in refused.items():
         print(f"  ScoreStream: {count} messages refused: {message}")
