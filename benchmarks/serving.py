@@ -80,31 +80,33 @@ async def _measure(workers, seconds: float, rows: int = 1, server_pid: int | Non
     summary = _summary(latencies, elapsed, rows)
     if before[0] is not None and after[0] is not None and latencies:
         per_call = 1e6 / len(latencies)
-        summary["server_cpu_us"] = (after[0][1] - before[0][1]) * per_call
-        summary["loop_cpu_us"] = (after[0][0] - before[0][0]) * per_call
+        loop, server = _cpu_between(server_pid, before[0], after[0])
+        summary["server_cpu_us"], summary["loop_cpu_us"] = server * per_call, loop * per_call
         summary["client_cpu_us"] = (after[1] - before[1]) * per_call
     return summary
 
 
-def _cpu(pid: int | None) -> tuple[float, float] | None:
-    """(main thread, all threads) CPU seconds so far of process `pid`, from each thread's schedstat (run time
-    in ns; Linux). The main thread runs the event loop and the small batches; a thread that ended in
-    between is not counted. None without a pid or /proc."""
+def _cpu(pid: int | None) -> dict[int, float] | None:
+    """CPU seconds so far of each thread of process `pid` (by thread id), from its schedstat (run time in ns;
+    Linux). None without a pid or /proc."""
     import os
 
     if pid is None or not os.path.isdir(f"/proc/{pid}/task"):
         return None
-    main = total = 0.0
+    threads = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                seconds = int(f.read().split()[0]) / 1e9
+                threads[int(tid)] = int(f.read().split()[0]) / 1e9
         except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             continue
-        total += seconds
-        if int(tid) == pid:
-            main = seconds
-    return main, total
+    return threads
+
+
+def _cpu_between(pid: int, before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """(main thread, all threads) CPU seconds of `pid` from one _cpu reading to the next. The main thread
+    runs the event loop and the small batches; a thread that ended in between is not counted."""
+    return after.get(pid, 0.0) - before.get(pid, 0.0), sum(seconds - before.get(tid, 0.0) for tid, seconds in after.items())
 
 
 def _summary(latencies: list[float], elapsed: float, rows: int) -> dict:
