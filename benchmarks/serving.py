@@ -14,8 +14,8 @@ is the median of the rounds' ratios. Loops are bounded by --seconds per point an
 
 Each point of a one-worker server (and of the echo server) also prints the CPU time per call, over the
 same window: the server's in all, its main thread's (the event loop, which also runs small batches), and
-the load generator's, which shares the box. Where the two together use both cores, a ratio is bounded by
-the box, not by the server.
+the load generator's, which shares the box: whether the server's loop thread, its compute threads or the
+box bounds a ratio shows there.
 """
 
 import contextlib
@@ -216,9 +216,9 @@ async def _run_all(args, version) -> dict:
                     print(label)
                     async with _channels(target) as score_channels:
                         stubs = [pb_grpc.InferenceStub(c) for c in score_channels]
+                        pid = server.process.pid if settings.get("workers", 1) == 1 else None  # not a supervisor's
                         for point, request, n, rows in plan:
                             calls = [lambda stub=stub, request=request: stub.Score(request) for stub in stubs]
-                            pid = server.process.pid if settings.get("workers", 1) == 1 else None  # not a supervisor's
                             if rows > 1 or not paired:
                                 report(point, await _load(calls, n, args.seconds, rows, pid))
                                 continue
