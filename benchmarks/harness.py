@@ -37,6 +37,20 @@ def run_scenario(repository: Path, out: Path, scenario, **settings) -> tuple[dic
     return result, code
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(main thread, whole process) CPU seconds so far of process `pid`, from /proc: the main thread's run
+    time in ns (schedstat; a server's event loop, which also runs small batches), the process's user + system
+    time in clock ticks (stat; every thread, ended ones too). None without /proc or the process."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            main = int(f.read().split()[0]) / 1e9
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return main, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import time
 
-from vaeserve.benchmarks.harness import model_version, run_scenario
+from vaeserve.benchmarks.harness import cpu_seconds, model_version, run_scenario
 
 CAPACITY_SECONDS = 5.0
 
@@ -144,11 +144,7 @@ def _batches(server, model: str) -> dict:
 
 def _cpu(server) -> dict:
     """CPU seconds so far of the server process and of this one (the load generator)."""
-    import os
-
-    fields = open(f"/proc/{server.process.pid}/stat").read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return {"server": (int(fields[11]) + int(fields[12])) / ticks, "generator": time.process_time()}
+    return {"server": cpu_seconds(server.process.pid)[1], "generator": time.process_time()}
 
 
 def _per_second(before: dict, after: dict, seconds: float) -> dict:

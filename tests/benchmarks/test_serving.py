@@ -1,5 +1,5 @@
-"""bench serve's CPU time per call (benchmarks/serving.py): read from the threads of a real process, over the
-measured window only, and divided by the calls measured."""
+"""bench serve's CPU time per call (benchmarks/serving.py, from harness.cpu_seconds): read from /proc for a
+real process, over the measured window only, and divided by the calls measured."""
 
 import asyncio
 import os
@@ -9,6 +9,7 @@ import time
 import pytest
 
 from vaeserve.benchmarks import serving
+from vaeserve.benchmarks.harness import cpu_seconds
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(f"/proc/{os.getpid()}/task"), reason="reads /proc (Linux)")
 
@@ -19,26 +20,17 @@ def spin(seconds: float) -> None:
         pass
 
 
-def test_cpu_counts_the_main_thread_and_every_other_thread():
-    spun, release = threading.Event(), threading.Event()
-
-    def work():
-        spin(0.3)
-        spun.set()
-        release.wait(10)  # still alive when read: a thread that has ended is not counted
-
-    before = serving._cpu(os.getpid())
-    worker = threading.Thread(target=work)
+def test_cpu_seconds_counts_the_main_thread_and_every_thread_of_the_process():
+    before = cpu_seconds(os.getpid())
+    worker = threading.Thread(target=spin, args=(0.3,))
     worker.start()
     spin(0.2)  # the main thread's
-    assert spun.wait(10)
-    after = serving._cpu(os.getpid())
-    release.set()
-    worker.join()
-    main, total = serving._cpu_between(os.getpid(), before, after)
+    worker.join()  # a thread that has ended still counts in the process's total
+    after = cpu_seconds(os.getpid())
+    main, total = after[0] - before[0], after[1] - before[1]
     assert 0.2 <= main < 0.3
-    assert 0.5 <= total < 0.7
-    assert serving._cpu(None) is None and serving._cpu(2**22 + 12345) is None  # no such process
+    assert 0.48 <= total < 0.7  # clock ticks: 10 ms grain
+    assert cpu_seconds(2**22 + 12345) is None  # no such process
 
 
 def test_measure_gives_cpu_per_measured_call():
@@ -58,6 +50,7 @@ def test_measure_gives_cpu_per_measured_call():
     assert calls > 50
     # The "server" is this process: 2 ms a call, give or take the loop's own work and the clock's grain.
     assert 1900 <= result["loop_cpu_us"] <= 2600
-    assert result["server_cpu_us"] >= result["loop_cpu_us"]
+    tick_per_call = 1e6 / os.sysconf("SC_CLK_TCK") / calls  # the process's total is read in clock ticks
+    assert result["server_cpu_us"] >= result["loop_cpu_us"] - 2 * tick_per_call
     assert result["client_cpu_us"] >= 1900  # the load generator is this process too
     assert "server_cpu_us" not in asyncio.run(serving._measure(lambda state, latencies: [busy(state, latencies)], 0.1))
