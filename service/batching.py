@@ -21,9 +21,10 @@ Where a batch runs depends on its size. A small one (at most INLINE_WORK rows of
 event loop: handing it to a thread and back costs more than computing it, and its NumPy work holds
 the GIL either way. A larger one runs in an executor thread, where ONNX Runtime releases the GIL, so
 the loop keeps serving; one such batch computes at a time per batcher while the next one fills, so
-batches grow with load, except that a full batch (max_batch_size rows queued) does not wait: up to
-`concurrent_batches` run at once, each on a thread of its own, since it cannot grow by waiting and a
-core would otherwise idle while one thread computes. Results are split back to the callers in order.
+batches grow with load. (Two full batches at once, each on a thread, gave 1.29x the rows/s of 256-row
+Score at 8 callers, but under open-loop overload the two threads' GIL-holding NumPy work starved the event
+loop: OK fell from 0.58-0.61x capacity to 0.13-0.19x, and refusals came after about 1 s instead of 14 ms.)
+Results are split back to the callers in order.
 
 Every request gets exactly one answer: its rows, the batch's error (a failing batch fails only its
 own callers), RequestExpired when its deadline passed in the queue, or nothing when its caller
@@ -78,7 +79,6 @@ class BatcherConfig:
     max_queue_size: int  # requests
     max_work: int | None = None  # values of work a batch may hold (one request alone may hold more); None: no cap
     max_queued_work: int | None = None  # values of work the queue may hold (one request alone may); None: no cap
-    concurrent_batches: int = 1  # batches in the executor at once; beyond the first, only full ones start
 
 
 # Values of work (rows x features of a graph; Score counts each posterior sample and class) up to which
@@ -128,7 +128,7 @@ class DynamicBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None  # set while serving
         self._timer: asyncio.Handle | None = None  # starts the batch of the request at the queue's head
         self._timer_due = 0.0  # loop.time() it is set for (uvloop's handle of a due call has no when())
-        self._computing: set[asyncio.Future] = set()  # batches in the executor, each done once answered
+        self._computing: asyncio.Future | None = None  # done when the batch in the executor has been answered
         self._draining = False
         self._expected = 1  # requests recent batches held, forgetting one per batch: as many are likely to come again
         self._arrived = False  # a request arrived since the timer was set
@@ -166,7 +166,7 @@ class DynamicBatcher:
             if ahead > QUEUE_SHARE_OF_DEADLINE * (deadline - now):
                 raise QueueFull(f"model {self.model!r} {self.graph} queue holds about {ahead:.3f} s of batches, more "
                                 f"than this call's deadline allows ({max(deadline - now, 0.0):.3f} s left); retry later")  # fmt: skip
-        if not self._queue and not self._computing and now - self._idle_since > self.config.max_queue_delay:
+        if not self._queue and self._computing is None and now - self._idle_since > self.config.max_queue_delay:
             self._expected = 1  # idle for longer than a batch would wait: the callers of past batches have gone
         request = _Request(feeds, key, rows, work, self._loop.create_future(), now, deadline)
         self._queue.append(request)
@@ -197,8 +197,8 @@ class DynamicBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._computing:
-            await asyncio.shield(asyncio.gather(*self._computing))
+        if self._computing is not None:
+            await asyncio.shield(self._computing)
         while self._queue:
             request = self._queue.popleft()
             if not request.future.done():
@@ -208,16 +208,15 @@ class DynamicBatcher:
     def _starting(self, now: float) -> bool:
         """A batch starts on this turn of the loop: requests arriving meanwhile join it rather than
         waiting in the queue."""
-        return self._timer is not None and self._timer_due <= now
+        return self._computing is None and self._timer is not None and self._timer_due <= now
 
     def _batches_ahead(self, rows: int, work: int) -> int:
-        """Rounds of batches to run before a new request's is done: those computing, and the queue with it
-        in batches of max_batch_size rows and max_work values of work, concurrent_batches at a time (a
-        lower bound: keys split batches too, and a batch that is not full waits for those computing)."""
+        """Batches to run before a new request's is done: the one computing, and the queue with it in
+        batches of max_batch_size rows and max_work values of work (a lower bound: keys split batches too)."""
         batches = -(-(self._queued_rows + rows) // self.config.max_batch_size)
         if self.config.max_work:
             batches = max(batches, -(-(self._queued_work + work) // self.config.max_work))
-        return -(-(batches + len(self._computing)) // self.config.concurrent_batches)
+        return batches + (self._computing is not None)
 
     def _delay_ends(self) -> float:
         return self._queue[0].enqueued + self.config.max_queue_delay
@@ -228,9 +227,8 @@ class DynamicBatcher:
     def _schedule(self) -> None:
         """Make sure the timer will start the next batch when it is due: on the loop's next turn when it
         is full, draining or holds as many requests as recent batches, else when its oldest request has
-        waited max_queue_delay. While batches compute, only a full one starts (up to concurrent_batches);
-        the end of one schedules the next."""
-        if self._loop is None or self._busy():
+        waited max_queue_delay."""
+        if self._computing is not None or self._loop is None:
             return
         if not self._queue:
             self._idle_since = self._loop.time()
@@ -243,16 +241,12 @@ class DynamicBatcher:
         self._arrived, self._quiet = False, 0
         self._timer, self._timer_due = self._loop.call_at(due, self._start_batch), due
 
-    def _busy(self) -> bool:
-        """No batch may start now: some compute, and the queue is not full or as many compute as may."""
-        return bool(self._computing) and (len(self._computing) >= self.config.concurrent_batches or not self._urgent())
-
     def _start_batch(self) -> None:
         """Take the next batch and compute it: here when it is small, else in the executor. Before its
         delay is up, a batch that is not full waits until QUIET_TURNS turns have passed without an arrival
         (one turn for a lone request when recent batches held one)."""
         self._timer = None
-        if self._loop is None or self._busy():  # a full queue that cancellations emptied waits for its turn
+        if self._loop is None:
             return
         loop = self._loop
         now = loop.time()
@@ -278,25 +272,24 @@ class DynamicBatcher:
                 result = self._run_batch(feeds, key)
             else:
                 job = self._executor.submit(self._run_batch, feeds, key)
-                done = loop.create_future()
-                self._computing.add(done)
-                job.add_done_callback(lambda job: loop.call_soon_threadsafe(self._finish_job, batch, rows, start, job, done))
-                return self._schedule()  # a full batch behind it may start beside it
+                self._computing = loop.create_future()
+                job.add_done_callback(lambda job: loop.call_soon_threadsafe(self._finish_job, batch, rows, start, job))
+                return
         except Exception as err:  # feeds that do not stack, a failing run, or the executor shut down
             self._answer(batch, rows, start, None, err)
         else:
             self._answer(batch, rows, start, result, None)
         self._schedule()
 
-    def _finish_job(self, batch: list[_Request], rows: int, start: float, job: Future, done: asyncio.Future) -> None:
+    def _finish_job(self, batch: list[_Request], rows: int, start: float, job: Future) -> None:
         """Back on the loop after a batch in the executor: answer it, then schedule the next."""
         try:
             result, err = job.result(), None
         except Exception as failure:
             result, err = None, failure
         self._answer(batch, rows, start, result, err)
-        self._computing.discard(done)
-        done.set_result(None)
+        self._computing.set_result(None)
+        self._computing = None
         memory.large_batch_done(self._loop or asyncio.get_running_loop())
         self._schedule()
 

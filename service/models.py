@@ -87,8 +87,7 @@ class ServedModel:
         self._anomaly_score = metrics.ANOMALY_SCORE.labels(self.name, self._version_label)
         self.encoder, self.decoder = model.encoder, model.decoder
         config = BatcherConfig(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0, settings.max_queue_size,
-                               settings.max_request_values, QUEUED_REQUESTS_OF_WORK * settings.max_request_values,
-                               settings.concurrent_batches)  # fmt: skip
+                               settings.max_request_values, QUEUED_REQUESTS_OF_WORK * settings.max_request_values)  # fmt: skip
         self.batchers = {
             "encoder": DynamicBatcher(lambda feeds, _: self.encoder.run(feeds), config, executor, model=self.name, graph="encoder",
                                       work=lambda rows, _: rows * self.features),  # fmt: skip

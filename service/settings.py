@@ -62,13 +62,6 @@ class Settings:
     )
     intra_op_threads: int = _setting(1, "ONNX Runtime intra-op threads per session (non-spinning)", 1)
     compute_threads: int = _setting(0, "threads running large batches off the event loop; 0 = one per CPU core", 0)
-    # 2: one full batch at a time leaves the second core idle. 256-row Score of the digits model at 8 callers,
-    # 5 fresh servers each, alternated: a median 104.4k rows/s against 80.8k at 1 (1.29x); 2 intra-op threads
-    # at 1 (4 each): 0.75x of 2 here. One caller, and single-row Score at 64 callers: the same (1.00x, 0.99x).
-    concurrent_batches: int = _setting(
-        2, "batches of one model's graph computing at once; beyond the first, only a full batch (max_batch_size "
-        "rows queued) starts while others compute, on a compute thread of its own", 1,
-    )
     drain_notice_seconds: float = _setting(
         5.0, "on SIGTERM/SIGINT, how long health says NOT_SERVING while calls are still served, for balancers to "
         "notice; a second signal skips it", 0.0,

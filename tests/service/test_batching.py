@@ -81,11 +81,10 @@ def gate(executor):
 
 
 def make_batcher(run, executor, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int = 64,
-                 inline_work: int = 0, max_work: int | None = None, max_queued_work: int | None = None,
-                 concurrent_batches: int = 1):  # fmt: skip
-    """A batcher whose batches all run in the executor, unless `inline_work` says otherwise, one at a time
-    unless `concurrent_batches` says otherwise. Its work is the rows (the default)."""
-    config = BatcherConfig(max_batch_size, max_queue_delay, max_queue_size, max_work, max_queued_work, concurrent_batches)
+                 inline_work: int = 0, max_work: int | None = None, max_queued_work: int | None = None):  # fmt: skip
+    """A batcher whose batches all run in the executor, unless `inline_work` says otherwise. Its work is
+    the rows (the default)."""
+    config = BatcherConfig(max_batch_size, max_queue_delay, max_queue_size, max_work, max_queued_work)
     return DynamicBatcher(run, config, executor, model=f"batching-test-{next(_model_ids)}", graph="g",
                           inline_work=inline_work)  # fmt: skip
 
@@ -436,80 +435,6 @@ def test_close_answers_the_computing_batch_and_refuses_the_rest(executor, gate):
     assert pending(batcher) == 0
 
 
-async def quiet_turns() -> None:
-    """More turns of the loop than any batch waits for arrivals (no time passes)."""
-    for _ in range(QUIET_TURNS + 10):
-        await asyncio.sleep(0)
-
-
-def test_full_batches_compute_side_by_side_up_to_concurrent_batches(executor, gate):
-    run = Recorder(gate)
-    batcher = make_batcher(run, executor, max_batch_size=2, max_queue_delay=LONG_DELAY, concurrent_batches=2)
-
-    async def scenario():
-        batcher.start()
-        head = submit(batcher, 0, rows=2)  # full: starts at once, held at the gate
-        await run.computing()
-        partial = submit(batcher, 1)  # not full: it waits for the head, however long
-        await until_pending(batcher, 2)
-        await quiet_turns()
-        assert len(run.batches) == 1
-        joined = submit(batcher, 2)  # with it the queue holds a full batch: it starts beside the head
-        await run.computing()
-        assert run.batches[1] == (None, [1, 2]) and run.threads[1] != run.threads[0]
-        third = submit(batcher, 3, rows=2)  # full, but two batches compute already
-        await until_pending(batcher, 4)
-        await quiet_turns()
-        assert len(run.batches) == 2
-        gate.release()  # one of the two ends: the third starts
-        await run.computing()
-        assert run.batches[2] == (None, [3, 3])
-        closing = asyncio.ensure_future(batcher.close())
-        await quiet_turns()
-        assert not closing.done()  # close() waits for every batch computing
-        gate.release(2)
-        await closing
-        return await asyncio.gather(head, partial, joined, third)
-
-    head, partial, joined, third = serve(scenario())
-    assert_answered(head, 0, rows=2)
-    assert_answered(partial, 1)
-    assert_answered(joined, 2)
-    assert_answered(third, 3, rows=2)
-    assert pending(batcher) == 0
-
-
-def test_a_queue_of_full_batches_counts_concurrent_batches_against_a_deadline(executor, gate):
-    run = Recorder(gate)
-    batcher = make_batcher(run, executor, max_batch_size=1, max_queue_delay=LONG_DELAY, concurrent_batches=2)
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        batcher.start()
-        first = [submit(batcher, i) for i in (0, 1)]  # two batches of one row, side by side
-        await run.computing()
-        await run.computing()
-        await asyncio.sleep(0.5)
-        gate.release(2)  # both took 0.5 s or more: the batcher's recent time per batch
-        await asyncio.gather(*first)
-        held = [submit(batcher, i) for i in (2, 3)]  # compute, held at the gate
-        await run.computing()
-        await run.computing()
-        queued = [submit(batcher, i) for i in (4, 5)]
-        await until_pending(batcher, 4)
-        # Ahead of a new request: the two computing, the two queued and its own, 3 rounds of about 0.5 s
-        # (5 batches one at a time). They do not fit in half of 2.5 s; they do in half of 4 s.
-        with pytest.raises(QueueFull, match="deadline allows"):
-            await batcher.submit(request(6), deadline=loop.time() + 2.5)
-        patient = submit(batcher, 7, deadline=loop.time() + 4)
-        await until_pending(batcher, 5)
-        gate.release(5)
-        return await asyncio.gather(*held, *queued, patient)
-
-    for result, request_id in zip(serve(scenario()), (2, 3, 4, 5, 7)):
-        assert_answered(result, request_id)
-
-
 def test_drain_runs_queued_requests_without_waiting_for_the_delay(executor, gate):
     run = Recorder(gate)
     batcher = make_batcher(run, executor, max_batch_size=8, max_queue_delay=LONG_DELAY)
@@ -649,9 +574,8 @@ def test_full_score_queue_is_resource_exhausted_over_grpc(model_repository, star
     from vaeserve.service.client import AsyncClient
 
     calls = 8
-    # Three slow Score requests (256 rows with K=1024: a fraction of a second each, in the executor) fill
-    # the batcher: two compute (full batches, concurrent_batches 2), the third fills the queue of one.
-    # Calls sent meanwhile are refused.
+    # Two slow Score requests (256 rows with K=1024: a fraction of a second each, in the executor) fill
+    # the batcher: one computes, the other fills the queue of one. Calls sent meanwhile are refused.
     server = start_server(model_repository, max_queue_size=1, max_batch_size=256)
     key = ("vaeserve_pending_requests", (("graph", "score"), ("model", "vae")))
     try:
@@ -660,9 +584,9 @@ def test_full_score_queue_is_resource_exhausted_over_grpc(model_repository, star
         async def scenario():
             async with AsyncClient(server.target, timeout=60) as client:
                 x = np.ones((256, 64), np.float32)
-                slow = [asyncio.ensure_future(client.score("vae", x + i, iw_samples=1024)) for i in range(3)]
+                slow = [asyncio.ensure_future(client.score("vae", x + i, iw_samples=1024)) for i in range(2)]
                 for _ in range(1000):
-                    if (await asyncio.to_thread(server.metrics)).get(key, 0) == 3:
+                    if (await asyncio.to_thread(server.metrics)).get(key, 0) == 2:
                         break
                     await asyncio.sleep(0.005)
                 else:
