@@ -1,7 +1,9 @@
 """`vaeserve bench serve`: throughput and latency of the gRPC service on loopback (not a test).
 
 Single-row Score at 1, 8 and 64 concurrent callers, batching on and off, beside a bare grpc.aio echo
-server carrying the same payload; 256-row Score at 8 callers beside in-process floors in glibc's fast
+server carrying the same payload and the same server shaped like Score (the request parsed, one await,
+a one-row ScoreResponse: what gRPC and protobuf alone cost a Score call, so the rest is the model's path);
+256-row Score at 8 callers beside in-process floors in glibc's fast
 state (raw ONNX Runtime encoder + decoder, the version's graphs, its Scorer: _floors) and on
 FRESH_SERVERS fresh servers; --workers 1 vs 2; the Open Inference Protocol's ModelInfer and ScoreStream
 beside Score on one server, in alternating rounds. Servers run as subprocesses of
@@ -9,8 +11,8 @@ beside Score on one server, in alternating rounds. Servers run as subprocesses o
 connections, as for the echo server.
 
 A small shared box drifts by ±10% within a minute, so echo and single-row Score with batching on are
-measured in alternating rounds (--rounds); each point reports its median round, and the ratio to echo
-is the median of the rounds' ratios. Loops are bounded by --seconds per point and round.
+measured in alternating rounds (--rounds: echo, shaped echo, Score); each point reports its median
+round, and each ratio is the median of the rounds' ratios. Loops are bounded by --seconds per point and round.
 
 Each point of a one-worker server (and of the echo server) also prints the CPU time per call, over the
 same window: the server's in all, its main thread's (the event loop, which also runs small batches), and
@@ -112,8 +114,26 @@ async def _load(calls, callers: int, seconds: float, rows: int = 1, server_pid: 
                           seconds, rows, server_pid)  # fmt: skip
 
 
+def shaped_reply():
+    """A one-row ScoreResponse with the fields a default Score fills, for the echo shaped like Score."""
+    from vaeserve.v1 import vaeserve_pb2 as pb
+
+    return pb.ScoreResponse(model="digits", version=1, threshold=9.15, neg_elbo=[23.4], reconstruction=[19.8], kl=[3.6],
+                            is_anomaly=[False], out_of_support=[False], anomaly_score=[2.1], p_value=[0.41],
+                            knn_distance=[0.73])  # fmt: skip
+
+
 async def _echo_server(port: int):
+    """The bare echo (Echo: bytes back, no protobuf), and the same server shaped like Score (Shaped: the
+    ScoreRequest parsed, one await of a future set on the loop's next turn as Score awaits its batch, a fixed
+    one-row ScoreResponse serialized): gRPC's and protobuf's part of a Score call, without the model's."""
+    import asyncio
+
     import grpc
+
+    from vaeserve.v1 import vaeserve_pb2 as pb
+
+    reply = shaped_reply()
 
     def identity(b):
         return b
@@ -121,9 +141,20 @@ async def _echo_server(port: int):
     async def echo(request, context):
         return request
 
+    async def shaped(request, context):
+        loop = asyncio.get_running_loop()
+        batch = loop.create_future()
+        loop.call_soon(batch.set_result, None)
+        await batch
+        return reply
+
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(echo, request_deserializer=identity, response_serializer=identity)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})])
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=identity, response_serializer=identity),
+        "Shaped": grpc.unary_unary_rpc_method_handler(shaped, request_deserializer=pb.ScoreRequest.FromString,
+                                                      response_serializer=pb.ScoreResponse.SerializeToString),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server
@@ -181,8 +212,8 @@ async def _run_all(args, version) -> dict:
     print(f"echo server: grpc.aio, same payload; {CONNECTIONS} connections to each server")
     try:
         async with _channels(f"127.0.0.1:{port}") as channels:
-            echo_calls = [c.unary_unary("/bench.Echo/Echo", request_serializer=None, response_deserializer=None) for c in channels]
-            echo_calls = [lambda call=call: call(payload) for call in echo_calls]
+            echo_calls, shaped_calls = ([lambda call=c.unary_unary(f"/bench.Echo/{method}"): call(payload) for c in channels]
+                                        for method in ("Echo", "Shaped"))  # fmt: skip
 
             async def against(label, settings, plan, paired=False):
                 """Load a server started with `settings` with each point of `plan`; when `paired`, single-row
@@ -200,14 +231,18 @@ async def _run_all(args, version) -> dict:
                             if rows > 1 or not paired:
                                 report(point, await _load(calls, n, args.seconds, rows, pid))
                                 continue
-                            pairs = [(await _load(echo_calls, n, args.seconds, server_pid=echo.pid),
-                                      await _load(calls, n, args.seconds, server_pid=pid)) for _ in range(args.rounds)]  # fmt: skip
-                            report(f"echo {n} callers", _median_round([e for e, _ in pairs]))
-                            report(point, _median_round([r for _, r in pairs]))
-                            ratios = sorted(r["req_s"] / e["req_s"] for e, r in pairs)
-                            ratio = results[f"ratio to echo, {n} callers"] = ratios[len(ratios) // 2]
-                            print(f"  {'':<44} to echo: {ratio:.2f} (rounds: "
-                                  f"{', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+                            rounds = [(await _load(echo_calls, n, args.seconds, server_pid=echo.pid),
+                                       await _load(shaped_calls, n, args.seconds, server_pid=echo.pid),
+                                       await _load(calls, n, args.seconds, server_pid=pid)) for _ in range(args.rounds)]  # fmt: skip
+                            report(f"echo {n} callers", _median_round([e for e, _, _ in rounds]))
+                            report(f"echo shaped like Score, {n} callers", _median_round([h for _, h, _ in rounds]))
+                            report(point, _median_round([r for _, _, r in rounds]))
+                            for label, key, pairs in (("to echo", "ratio to echo", [(e, r) for e, _, r in rounds]),
+                                                      ("shaped echo to echo", "ratio of shaped echo to echo", [(e, h) for e, h, _ in rounds]),
+                                                      ("to shaped echo", "ratio to shaped echo", [(h, r) for _, h, r in rounds])):  # fmt: skip
+                                ratios = sorted(b["req_s"] / a["req_s"] for a, b in pairs)
+                                ratio = results[f"{key}, {n} callers"] = ratios[len(ratios) // 2]
+                                print(f"  {'':<44} {label}: {ratio:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
                 finally:
                     server.stop(60)
 
@@ -247,7 +282,10 @@ async def _run_all(args, version) -> dict:
 
     for n, target in ((64, 0.8), (1, 0.7)):
         if f"ratio to echo, {n} callers" in results:
-            print(f"single-row Score at {n} caller{'s' if n > 1 else ''} / echo: {results[f'ratio to echo, {n} callers']:.2f}  (target >= {target})")
+            callers_ = f"{n} caller{'s' if n > 1 else ''}"
+            print(f"single-row Score at {callers_} / echo: {results[f'ratio to echo, {n} callers']:.2f}  (target >= {target}); "
+                  f"the echo shaped like Score / echo: {results[f'ratio of shaped echo to echo, {n} callers']:.2f}, "
+                  f"Score / the shaped echo: {results[f'ratio to shaped echo, {n} callers']:.2f}")  # fmt: skip
     for label in floors:
         print(f"256-row Score at 8 callers / {label}: {served / floors[label]['rows_s']:.2f}"
               + ("  (target >= 0.9)" if label == RAW_ENCODER_DECODER else ""))  # fmt: skip

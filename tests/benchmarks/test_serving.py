@@ -54,3 +54,36 @@ def test_measure_gives_cpu_per_measured_call():
     assert result["server_cpu_us"] >= result["loop_cpu_us"] - 2 * tick_per_call
     assert result["client_cpu_us"] >= 1900  # the load generator is this process too
     assert "server_cpu_us" not in asyncio.run(serving._measure(lambda state, latencies: [busy(state, latencies)], 0.1))
+
+
+def test_the_echo_server_answers_bytes_back_and_score_shaped_calls_with_a_score_reply():
+    """bench serve's reference servers: Echo returns the request's bytes; Shaped parses a ScoreRequest (a
+    request that is not one fails) and answers the one-row ScoreResponse a default Score gives."""
+    import grpc
+    import numpy as np
+
+    from vaeserve.benchmarks.harness import free_port
+    from vaeserve.v1 import vaeserve_pb2 as pb
+
+    x = np.arange(64, dtype="<f4").reshape(1, 64)
+    payload = pb.ScoreRequest(model="digits", x=pb.Tensor(shape=x.shape, data=x.tobytes())).SerializeToString()
+
+    async def scenario():
+        port = free_port()
+        server = await serving._echo_server(port)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                echoed = await channel.unary_unary("/bench.Echo/Echo")(payload, timeout=5)
+                shaped = await channel.unary_unary("/bench.Echo/Shaped")(payload, timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary("/bench.Echo/Shaped")(b"\xff\xff\xff", timeout=5)
+                return echoed, shaped, refused.value.code()
+        finally:
+            await server.stop(0)
+
+    echoed, shaped, code = asyncio.run(scenario())
+    assert echoed == payload
+    reply = pb.ScoreResponse.FromString(shaped)
+    assert reply == serving.shaped_reply()
+    assert len(reply.neg_elbo) == len(reply.anomaly_score) == len(reply.p_value) == len(reply.is_anomaly) == 1
+    assert code == grpc.StatusCode.UNKNOWN  # grpc.aio's answer to bytes its deserializer rejects
