@@ -1,5 +1,6 @@
-"""bench serve's CPU time per call (benchmarks/serving.py, from harness.cpu_seconds): read from /proc for a
-real process, over the measured window only, and divided by the calls measured."""
+"""bench serve (benchmarks/serving.py): its CPU time per call, from harness.cpu_seconds, read from /proc for
+a real process over the measured window only and divided by the calls measured; and its reference servers,
+the bare echo and the echo shaped like Score, on a real grpc.aio server."""
 
 import asyncio
 import os
