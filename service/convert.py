@@ -53,5 +53,8 @@ def rows(shape: tuple, what: str, width: int, max_rows: int, *, data: bytes | No
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
-    array = np.ascontiguousarray(array, FLOAT32)
+    """A float32 Tensor of `array`: a float64 value past float32's range reads +-inf, as docs/api.md says
+    (a support penalty of a value far outside), without NumPy's overflow warning in the server log."""
+    with np.errstate(over="ignore"):
+        array = np.ascontiguousarray(array, FLOAT32)
     return pb.Tensor(shape=array.shape, data=array.tobytes())

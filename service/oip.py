@@ -347,11 +347,12 @@ def _output_tensor(name: str, datatype: str, shape: tuple[int, ...]) -> pb.Model
 
 def _respond(name: str, request, call: Call, outputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> pb.ModelInferResponse:
     tensors, contents = [], []
-    for output, value in outputs.items():
-        datatype = datatypes[output]
-        array = np.ascontiguousarray(value, DATATYPES[datatype][0])
-        tensors.append(_output_tensor(output, datatype, array.shape))
-        contents.append(array.tobytes())
+    with np.errstate(over="ignore"):  # an FP32 output past float32's range reads +-inf, as in vaeserve.v1 (to_tensor)
+        for output, value in outputs.items():
+            datatype = datatypes[output]
+            array = np.ascontiguousarray(value, DATATYPES[datatype][0])
+            tensors.append(_output_tensor(output, datatype, array.shape))
+            contents.append(array.tobytes())
     parameters = {key: pb.InferParameter(double_param=value) for key, value in call.reply.items()}
     return pb.ModelInferResponse(model_name=name, model_version=str(call.model.version), id=request.id,
                                  parameters=parameters, outputs=tensors, raw_output_contents=contents)  # fmt: skip
