@@ -23,7 +23,10 @@ the GIL either way. A larger one runs in an executor thread, where ONNX Runtime 
 the loop keeps serving; one such batch computes at a time per batcher while the next one fills, so
 batches grow with load. (Two full batches at once, each on a thread, gave 1.29x the rows/s of 256-row
 Score at 8 callers, but under open-loop overload the two threads' GIL-holding NumPy work starved the event
-loop: OK fell from 0.58-0.61x capacity to 0.13-0.19x, and refusals came after about 1 s instead of 14 ms.)
+loop: OK fell from 0.58-0.61x capacity to 0.13-0.19x, and refusals came after about 1 s instead of 14 ms.
+The other way, every batch on the loop, gave 1.25x closed loop and 0.11-0.13x capacity under that
+overload: a loop that computes falls behind the arrivals, which then wait in gRPC's queue unseen by
+admission.)
 Results are split back to the callers in order.
 
 Every request gets exactly one answer: its rows, the batch's error (a failing batch fails only its
